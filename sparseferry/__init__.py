@@ -1,0 +1,20 @@
+"""sparseferry: run LLMs larger than memory by streaming bitmap-compressed sparse weights.
+
+Offline:  `convert` (HF folder -> sparseferry checkpoint), `prune`.
+Runtime:  `load` (a HF-like causal LM that streams layers under a memory budget).
+"""
+from .errors import SparseferryError
+from .format import BitmapTensor, decode, encode
+from .store import open_checkpoint
+
+__version__ = "0.1.0"
+
+
+def convert(*args, **kwargs):
+    """See sparseferry.convert.convert."""
+    from .convert import convert as _convert
+
+    return _convert(*args, **kwargs)
+
+
+__all__ = ["BitmapTensor", "SparseferryError", "convert", "decode", "encode", "open_checkpoint", "__version__"]

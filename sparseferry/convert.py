@@ -1,0 +1,250 @@
+"""`sparseferry convert`: a HuggingFace checkpoint folder -> a sparseferry checkpoint.
+
+Streams tensor by tensor (safetensors by mmap, *.bin with torch.load(mmap=True, weights_only=True)):
+only one decoder layer's encoded tensors are held at a time, so a checkpoint much larger than RAM
+converts. Also imports compressed-tensors "sparse-bitmask" checkpoints without re-pruning.
+"""
+from __future__ import annotations
+
+from .errors import SparseferryError
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .format import BitmapTensor, FormatError
+from .hf import ModelError, info_from_config_dict, normalize_key, read_config_dict
+from .store import (EXTRA_FILE, CheckpointError, CheckpointWriter, StoredTensor, from_bitmap, layer_file, prepare)
+
+VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_COPY_SKIP = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+_CT_PARTS = ("shape", "compressed", "bitmask", "row_offsets")
+
+
+class ConvertError(SparseferryError):
+    """The source folder cannot be converted."""
+
+
+class SourceWeights:
+    """Lazy, by-name access to the tensors of a HuggingFace folder (safetensors or *.bin, sharded or not)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        self._bins: dict[Path, dict] = {}
+        st_files = sorted(self.folder.glob("*.safetensors"))
+        bin_files = sorted(p for p in self.folder.glob("*.bin") if p.name != "training_args.bin")
+        if not st_files and not bin_files:
+            raise ConvertError(f"{self.folder}: no weights (*.safetensors or *.bin) found")
+        for p in st_files:
+            try:
+                h = safe_open(p, framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors raises several error types
+                raise ConvertError(f"{p}: not a readable safetensors file ({e})") from None
+            self._handles[p] = h
+            for k in h.keys():
+                self._where[k] = p
+        if not st_files:
+            for p in bin_files:
+                try:
+                    sd = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+                except Exception as e:  # noqa: BLE001 - pickle / zip errors
+                    raise ConvertError(f"{p}: cannot be read as a PyTorch state dict ({e})") from None
+                if not isinstance(sd, dict):
+                    raise ConvertError(f"{p}: expected a state dict, found {type(sd).__name__}")
+                self._bins[p] = sd
+                for k in sd:
+                    self._where[k] = p
+        self._check_sizes(st_files)
+
+    def _check_sizes(self, files) -> None:
+        """Catch truncated shards up front: the header's last offset must match the file size."""
+        import struct
+
+        for p in files:
+            with open(p, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end != p.stat().st_size:
+                raise ConvertError(f"{p}: truncated or corrupted ({p.stat().st_size} bytes, header says {8 + n + end})")
+
+    def keys(self):
+        return self._where.keys()
+
+    def get(self, key: str) -> torch.Tensor:
+        p = self._where[key]
+        if p in self._handles:
+            try:
+                return self._handles[p].get_tensor(key)
+            except Exception as e:  # noqa: BLE001
+                raise ConvertError(f"{p}: cannot read tensor {key} ({e})") from None
+        return self._bins[p][key]
+
+
+def sparse_bitmask_config(cfg: dict) -> dict | None:
+    """The compressed-tensors sparsity config if the source is a sparse-bitmask checkpoint."""
+    qc = cfg.get("quantization_config") or cfg.get("compression_config")
+    if not isinstance(qc, dict):
+        return None
+    sc = qc.get("sparsity_config") or {}
+    if sc.get("format") not in ("sparse-bitmask", "sparse_bitmask"):
+        return None
+    if qc.get("config_groups") and qc.get("format") not in (None, "dense"):
+        raise ConvertError(f"compressed-tensors checkpoint is quantized (format {qc.get('format')!r}): only dense-valued sparse-bitmask is supported")
+    return sc
+
+
+def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool = False, dtype: str | None = None,
+            force: bool = False, progress: bool = True) -> dict:
+    """Convert a HuggingFace folder `src` into a sparseferry checkpoint at `dst`.
+
+    Args:
+        encode_lm_head / encode_embeddings: also store those matrices in the bitmap format.
+        dtype: cast floating-point weights to "bfloat16" / "float16" / "float32" (default: keep).
+        force: replace an existing `dst` (only once the new checkpoint is complete).
+    Returns:
+        statistics: tensors, dense_bytes, stored_bytes, seconds, GB/s (dense GB processed per second).
+    Raises:
+        ConvertError / CheckpointError / ModelError with the file and tensor at fault.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ConvertError(f"{src}: no such folder")
+    if dst.exists() and not force:
+        raise CheckpointError(f"{dst}: already exists (pass --force to overwrite)")
+    cfg = read_config_dict(src)
+    cast = None
+    if dtype is not None:
+        if dtype not in VALUE_DTYPES:
+            raise ConvertError(f"unsupported --dtype {dtype!r} (choose from {', '.join(VALUE_DTYPES)})")
+        cast = VALUE_DTYPES[dtype]
+    _, _, info = info_from_config_dict(cfg)
+    weights = SourceWeights(src)
+    ct = sparse_bitmask_config(cfg)
+    out_cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "compression_config")}
+    if cast is not None:
+        out_cfg["torch_dtype"] = out_cfg["dtype"] = dtype
+
+    # Map every model parameter to its source: a dense key, or a compressed-tensors part group.
+    names = set(info.param_names)
+    dense_src: dict[str, str] = {}
+    for k in weights.keys():
+        n = normalize_key(k, names, info.base_prefix)
+        if n is not None:
+            dense_src[n] = k
+    bitmap_src: dict[str, str] = {}
+    if ct is not None:
+        for k in weights.keys():
+            if k.endswith(".compressed"):
+                n = normalize_key(k.removesuffix(".compressed") + ".weight", names, info.base_prefix)
+                if n is not None and n not in dense_src:
+                    bitmap_src[n] = k.removesuffix(".compressed")
+    tied = {t: s for t, s in info.tied.items() if t not in dense_src and t not in bitmap_src}
+    missing = [n for n in info.param_names if n not in dense_src and n not in bitmap_src and n not in tied]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ConvertError(f"{src}: weights missing for {', '.join(missing[:5])}{more}")
+
+    sparse_names = set(info.linear_weights)
+    if encode_lm_head:
+        sparse_names |= info.top_linear_weights
+    if encode_embeddings:
+        sparse_names |= info.embedding_weights
+
+    def load(name: str) -> StoredTensor:
+        if name in bitmap_src:
+            p = bitmap_src[name]
+            try:
+                parts = {part: weights.get(f"{p}.{part}") for part in _CT_PARTS}
+                bt = BitmapTensor.from_parts(parts, p)
+            except KeyError as e:
+                raise ConvertError(f"{src}: compressed tensor {p} lacks part {e}") from None
+            except FormatError as e:
+                raise ConvertError(f"{src}: {e}") from None
+            if cast is not None and bt.dtype != cast:
+                bt.values = bt.values.to(cast)
+            return from_bitmap(name, bt)
+        w = weights.get(dense_src[name])
+        if name in sparse_names and w.dtype not in VALUE_DTYPES.values():
+            raise ConvertError(f"{weights._where[dense_src[name]]}: tensor {dense_src[name]} has dtype {w.dtype}; "
+                               "expected bfloat16, float16 or float32 (use --dtype to cast)")
+        if cast is not None and w.is_floating_point():
+            w = w.to(cast)
+        return prepare(name, w, sparse=name in sparse_names)
+
+    stored_names = [n for n in info.param_names if n not in tied]
+    groups: list[tuple[str, int | None, list[str]]] = []
+    for i in range(info.num_layers):
+        groups.append((layer_file(i), i, [n for n in info.layer_params(i) if n in stored_names]))
+    groups.append((EXTRA_FILE, None, [n for n in stored_names if info.layer_of(n) is None]))
+    total_bytes = sum(_nbytes(weights, dense_src.get(n), bitmap_src.get(n)) for n in stored_names)
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    stats = {"tensors": 0, "dense_bytes": 0, "stored_bytes": 0}
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"convert {src.name}", disable=not progress)
+    writer = CheckpointWriter(dst, config=out_cfg, architecture=info.architecture, layers_prefix=info.layers_prefix,
+                              num_layers=info.num_layers, tied=tied, force=force,
+                              extra={"source": {"path": str(src.resolve()), "compressed_tensors": ct is not None}})
+    with writer:
+        for rel, layer, group in groups:
+            stored = []
+            for n in group:
+                st = load(n)
+                stored.append(st)
+                stats["tensors"] += 1
+                dense = _dense_nbytes(st)
+                stats["dense_bytes"] += dense
+                stats["stored_bytes"] += sum(t.numel() * t.element_size() for t in st.parts.values())
+                bar.update(dense)
+                bar.set_postfix_str(f"{stats['tensors']} tensors", refresh=False)
+            writer.write_file(rel, stored, layer)
+            del stored
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.name not in _COPY_SKIP and f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"):
+                writer.copy_file(f)
+        (writer.tmp / "config.json").write_text(json.dumps(out_cfg, indent=2))
+        writer.commit()
+    bar.close()
+    secs = time.perf_counter() - t0
+    stats.update(seconds=secs, gbps=stats["dense_bytes"] / secs / 1e9 if secs else 0.0)
+    return stats
+
+
+def _dense_nbytes(st: StoredTensor) -> int:
+    n = 1
+    for s in st.shape:
+        n *= s
+    return n * st.dtype.itemsize
+
+
+def _nbytes(weights: SourceWeights, dense_key: str | None, bitmap_prefix: str | None) -> int:
+    """Dense bytes of a source tensor without reading it (for the progress bar)."""
+    try:
+        if dense_key is not None:
+            p = weights._where[dense_key]
+            if p in weights._handles:
+                sl = weights._handles[p].get_slice(dense_key)
+                n = 1
+                for s in sl.get_shape():
+                    n *= s
+                return n * _ST_ITEMSIZE.get(sl.get_dtype(), 2)
+            t = weights._bins[p][dense_key]
+            return t.numel() * t.element_size()
+        shape = weights.get(f"{bitmap_prefix}.shape").tolist()
+        return int(shape[0]) * int(shape[1]) * weights.get(f"{bitmap_prefix}.compressed").element_size()
+    except Exception:  # noqa: BLE001 - only for the progress bar
+        return 0
+
+
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+__all__ = ["convert", "ConvertError", "ModelError", "SourceWeights"]

@@ -1,0 +1,180 @@
+"""What we need to know about a HuggingFace causal LM, without per-model code.
+
+The skeleton is built from config.json on the `meta` device (no memory, no weights); from it we
+learn the decoder layers (the largest ModuleList of identical blocks), which parameters are the
+weights of linear layers inside them (nn.Linear, or GPT-2's transposed Conv1D), and which
+parameters are tied.
+"""
+from __future__ import annotations
+
+from .errors import SparseferryError
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class ModelError(SparseferryError):
+    """The model folder or architecture cannot be used."""
+
+
+def read_config_dict(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{folder}: no config.json (expected a HuggingFace model folder)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
+
+
+def config_from_dict(cfg: dict):
+    """A transformers config object from a config.json dict; a clear error for unknown model types."""
+    from transformers import AutoConfig
+
+    model_type = cfg.get("model_type")
+    if not model_type:
+        raise ModelError("config.json has no 'model_type'")
+    try:
+        return AutoConfig.for_model(**cfg)
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"model_type {model_type!r} is not known to transformers ({e})") from None
+
+
+def build_meta_model(config) -> nn.Module:
+    """The causal LM skeleton for `config`, on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+        except ValueError as e:
+            raise ModelError(f"transformers cannot build a causal LM for model_type {config.model_type!r}: {e}") from None
+    return model
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, module) of the ModuleList holding the decoder layers."""
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            kinds = {type(m) for m in mod}
+            nparams = sum(p.numel() for p in mod.parameters())
+            if len(kinds) == 1 and (best is None or nparams > best[2]):
+                best = (name, mod, nparams)
+    if best is None:
+        raise ModelError(f"{type(model).__name__}: no decoder layers found (expected a ModuleList of identical blocks)")
+    return best[0], best[1]
+
+
+def is_linear(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.Linear):
+        return True
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(mod, Conv1D)
+
+
+@dataclass
+class ModelInfo:
+    """The facts about an architecture the converter, pruner and runtime share."""
+
+    architecture: str
+    layers_prefix: str  # e.g. "model.layers"
+    num_layers: int
+    param_names: list[str]  # every parameter, state-dict names, in module order
+    linear_weights: set[str]  # 2-D weights of linear layers inside decoder layers
+    tied: dict[str, str] = field(default_factory=dict)  # target -> source, stored once
+    base_prefix: str = ""  # e.g. "model" (GPT-2 checkpoints may omit "transformer.")
+    top_linear_weights: set[str] = field(default_factory=set)  # linear weights outside layers (lm_head)
+    embedding_weights: set[str] = field(default_factory=set)
+
+    def layer_of(self, name: str) -> int | None:
+        """Decoder layer index of a parameter name, or None outside the layers."""
+        p = self.layers_prefix + "."
+        if not name.startswith(p):
+            return None
+        return int(name[len(p) :].split(".", 1)[0])
+
+    def layer_params(self, i: int) -> list[str]:
+        p = f"{self.layers_prefix}.{i}."
+        return [n for n in self.param_names if n.startswith(p)]
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    prefix, layers = find_decoder_layers(model)
+    linear, top_linear, emb = set(), set(), set()
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            continue
+        if is_linear(mod):
+            (linear if name.startswith(prefix + ".") else top_linear).add(f"{name}.weight")
+        elif isinstance(mod, nn.Embedding):
+            emb.add(f"{name}.weight")
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    tied = {}
+    tie = getattr(model.config, "tie_word_embeddings", False)
+    get_text = getattr(model.config, "get_text_config", None)
+    if get_text is not None:
+        tie = getattr(get_text(), "tie_word_embeddings", tie)
+    tk = getattr(model, "_tied_weights_keys", None)
+    if tie and isinstance(tk, dict):
+        tied = {t: s for t, s in tk.items() if t in names and s in names}
+    elif tie:
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if out_emb is not None and in_emb is not None:
+            src = next((n for n, m in model.named_modules() if m is in_emb), None)
+            dst = next((n for n, m in model.named_modules() if m is out_emb), None)
+            if src is not None and dst is not None:
+                tied = {f"{dst}.weight": f"{src}.weight"}
+    # deduplicate names that share one parameter object (already tied at construction)
+    seen, unique = set(), []
+    for n in names:
+        if n not in seen:
+            seen.add(n)
+            unique.append(n)
+    return ModelInfo(
+        architecture=type(model).__name__,
+        layers_prefix=prefix,
+        num_layers=len(layers),
+        param_names=unique,
+        linear_weights=linear,
+        tied=tied,
+        base_prefix=getattr(model, "base_model_prefix", "") or "",
+        top_linear_weights=top_linear,
+        embedding_weights=emb,
+    )
+
+
+def info_from_config_dict(cfg: dict) -> tuple[object, nn.Module, ModelInfo]:
+    config = config_from_dict(cfg)
+    model = build_meta_model(config)
+    return config, model, model_info(model)
+
+
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+def normalize_key(key: str, names: set[str], base_prefix: str) -> str | None:
+    """Map a checkpoint key to the model's state-dict name (adds/removes the base prefix), or None."""
+    if key in names:
+        return key
+    if base_prefix:
+        k = f"{base_prefix}.{key}"
+        if k in names:
+            return k
+        if key.startswith(base_prefix + "."):
+            k = key[len(base_prefix) + 1 :]
+            if k in names:
+                return k
+    return None

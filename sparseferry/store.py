@@ -1,0 +1,476 @@
+"""The checkpoint store: writing and reading sparseferry checkpoint folders (docs/FORMAT.md, 2-4).
+
+Writing goes to a temporary sibling folder that is renamed into place only when complete, so an
+interrupted or failed write never leaves a half checkpoint. Reading validates the manifest and the
+files against it up front, then gives lazy access to any tensor (by mmap) or to a whole decoder
+layer (one contiguous byte range, read into a caller's buffer, optionally bypassing the page cache).
+"""
+from __future__ import annotations
+
+from .errors import SparseferryError
+
+import errno
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+
+from .format import BLOCK_COLS, BitmapTensor, FormatError, decode, encode, worth_encoding
+from .io import FileReader
+
+FORMAT_NAME = "sparseferry"
+FORMAT_VERSION = 1
+MANIFEST = "sparseferry.json"
+EXTRA_FILE = "extra.safetensors"
+
+_ST_DTYPES = {  # torch dtype <-> safetensors dtype string
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+_ST_FROM = {v: k for k, v in _ST_DTYPES.items()}
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+class CheckpointError(SparseferryError):
+    """A checkpoint folder is missing, malformed, corrupted or from an unknown version."""
+
+
+def layer_file(i: int) -> str:
+    return f"layers/layer-{i:05d}.safetensors"
+
+
+def digest(data) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise CheckpointError(f"unknown dtype {name!r}")
+    return dt
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding one parameter for storage
+
+
+@dataclass
+class StoredTensor:
+    """One model parameter as it will be stored: dense, or the parts of its bitmap encoding."""
+
+    name: str  # state-dict name, e.g. "model.layers.0.mlp.up_proj.weight"
+    encoding: str  # "bitmap" | "dense"
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nnz: int
+    parts: dict[str, torch.Tensor]  # part -> tensor ("dense" for dense; FORMAT.md parts for bitmap)
+
+    @property
+    def prefix(self) -> str:
+        return self.name.removesuffix(".weight")
+
+    def stored_name(self, part: str) -> str:
+        return self.name if part == "dense" else f"{self.prefix}.{part}"
+
+
+def prepare(name: str, w: torch.Tensor, sparse: bool) -> StoredTensor:
+    """Choose the storage of a parameter: bitmap when asked for and it saves bytes, else dense."""
+    w = w.detach()
+    if sparse and w.dim() == 2 and w.dtype in _DTYPE_NAMES:
+        nnz = int(torch.count_nonzero(w))
+        if worth_encoding(w.shape[0], w.shape[1], nnz, w.element_size()):
+            return from_bitmap(name, encode(w))
+        return StoredTensor(name, "dense", w.dtype, tuple(w.shape), nnz, {"dense": w})
+    nnz = int(torch.count_nonzero(w)) if w.is_floating_point() else w.numel()
+    return StoredTensor(name, "dense", w.dtype, tuple(w.shape), nnz, {"dense": w})
+
+
+def from_bitmap(name: str, bt: BitmapTensor) -> StoredTensor:
+    return StoredTensor(name, "bitmap", bt.dtype, tuple(bt.shape), bt.nnz, bt.parts())
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_safetensors(path: Path, tensors: list[StoredTensor]) -> tuple[dict, dict]:
+    """Write one safetensors file; returns (file entry, {param name: {part: part entry}}).
+
+    Layout: parts sorted by decreasing element size, then name (alignment, FORMAT.md section 2).
+    """
+    items = []  # (stored name, part, param name, tensor)
+    for st in tensors:
+        for part, t in st.parts.items():
+            items.append((st.stored_name(part), part, st.name, t))
+    items.sort(key=lambda it: (-it[3].element_size(), it[0]))
+    header, pos = {}, 0
+    for sname, _, _, t in items:
+        n = t.numel() * t.element_size()
+        header[sname] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    header["__metadata__"] = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    hbytes += b" " * ((-len(hbytes)) % 8)  # data start 8-byte aligned
+    data_start = 8 + len(hbytes)
+    parts_out: dict[str, dict] = {}
+    h = xxhash.xxh3_64()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hbytes)))
+        f.write(hbytes)
+        for sname, part, pname, t in items:
+            b = _as_bytes(t)
+            f.write(b)
+            h.update(b)
+            off = data_start + header[sname]["data_offsets"][0]
+            parts_out.setdefault(pname, {})[part] = {
+                "name": sname, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
+                "offset": off, "nbytes": len(b), "digest": digest(b),
+            }
+        f.flush()
+        os.fsync(f.fileno())
+    size = data_start + pos
+    return {"size": size, "data_start": data_start, "data_end": size, "digest": h.hexdigest()}, parts_out
+
+
+class CheckpointWriter:
+    """Writes a checkpoint into a temporary folder; `commit()` renames it to `dst`.
+
+    Use as a context manager: leaving the block with an exception removes the temporary folder.
+    """
+
+    def __init__(self, dst, *, config: dict, architecture: str, layers_prefix: str, num_layers: int,
+                 tied: dict[str, str] | None = None, force: bool = False, extra: dict | None = None):
+        self.dst = Path(dst)
+        if self.dst.exists() and not force:
+            raise CheckpointError(f"{self.dst}: already exists (pass --force / force=True to overwrite)")
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.dst.parent / f".{self.dst.name}.partial-{os.getpid()}"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        (self.tmp / "layers").mkdir(parents=True)
+        self.manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "block_cols": BLOCK_COLS,
+            "architecture": architecture,
+            "config": config,
+            "layers_prefix": layers_prefix,
+            "num_layers": num_layers,
+            "checksum": "xxh3_64",
+            "tied": dict(tied or {}),
+            "files": {},
+            "tensors": {},
+            **(extra or {}),
+        }
+        self._committed = False
+
+    def write_file(self, relpath: str, tensors: list[StoredTensor], layer: int | None) -> None:
+        path = self.tmp / relpath
+        try:
+            fentry, parts = _write_safetensors(path, tensors)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise CheckpointError(f"{self.dst}: out of disk space while writing {relpath} ({e.strerror}); nothing was written") from None
+            raise
+        self.manifest["files"][relpath] = fentry
+        for st in tensors:
+            self.manifest["tensors"][st.name] = {
+                "file": relpath, "layer": layer, "encoding": st.encoding, "dtype": dtype_name(st.dtype),
+                "shape": list(st.shape), "nnz": st.nnz, "parts": parts[st.name],
+            }
+
+    def copy_file(self, src: Path, name: str | None = None) -> None:
+        shutil.copy2(src, self.tmp / (name or Path(src).name))
+
+    def commit(self) -> Path:
+        mpath = self.tmp / MANIFEST
+        with open(mpath, "w") as f:
+            json.dump(self.manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if not (self.tmp / "config.json").exists():
+            (self.tmp / "config.json").write_text(json.dumps(self.manifest["config"], indent=2))
+        if self.dst.exists():  # force: replace only now that the new one is complete
+            old = self.dst.parent / f".{self.dst.name}.old-{os.getpid()}"
+            os.rename(self.dst, old)
+            os.rename(self.tmp, self.dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.dst)
+        self._committed = True
+        return self.dst
+
+    def abort(self) -> None:
+        if not self._committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class TensorEntry:
+    name: str
+    file: str
+    layer: int | None
+    encoding: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nnz: int
+    parts: dict[str, dict]
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(p["nbytes"] for p in self.parts.values())
+
+    @property
+    def dense_bytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+    @property
+    def sparsity(self) -> float:
+        n = self.dense_bytes // self.dtype.itemsize
+        return 1.0 - self.nnz / n if n else 0.0
+
+
+def _view(buf: torch.Tensor, base: int, p: dict) -> torch.Tensor:
+    """A typed view of part `p` inside `buf`, which holds the file's bytes from offset `base`."""
+    start = p["offset"] - base
+    raw = buf[start : start + p["nbytes"]]
+    dt = dtype_from_name(p["dtype"])
+    return raw.view(dt).reshape(p["shape"]) if p["nbytes"] else torch.empty(p["shape"], dtype=dt)
+
+
+class Checkpoint:
+    """A sparseferry checkpoint folder, opened lazily. See `open_checkpoint`."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: no such folder")
+        if not mpath.is_file():
+            hint = " (this is a HuggingFace model folder: run `sparseferry convert` on it first)" if (self.path / "config.json").exists() else ""
+            raise CheckpointError(f"{self.path}: not a sparseferry checkpoint, no {MANIFEST}{hint}")
+        try:
+            m = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{mpath}: not valid JSON ({e})") from None
+        if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+            raise CheckpointError(f"{mpath}: not a sparseferry manifest (format={m.get('format') if isinstance(m, dict) else None!r})")
+        v = m.get("format_version")
+        if not isinstance(v, int) or v > FORMAT_VERSION:
+            raise CheckpointError(f"{mpath}: format version {v!r} is newer than this sparseferry reads ({FORMAT_VERSION}); upgrade sparseferry")
+        for k in ("config", "files", "tensors", "num_layers", "layers_prefix", "block_cols"):
+            if k not in m:
+                raise CheckpointError(f"{mpath}: manifest lacks {k!r}")
+        if m["block_cols"] != BLOCK_COLS:
+            raise CheckpointError(f"{mpath}: block_cols {m['block_cols']} unsupported (expected {BLOCK_COLS})")
+        self.manifest = m
+        self.config: dict = m["config"]
+        self.num_layers: int = m["num_layers"]
+        self.layers_prefix: str = m["layers_prefix"]
+        self.tied: dict[str, str] = m.get("tied", {})
+        self.files: dict[str, dict] = m["files"]
+        for rel, fe in self.files.items():
+            fp = self.path / rel
+            if not fp.is_file():
+                raise CheckpointError(f"{fp}: listed in the manifest but missing")
+            size = fp.stat().st_size
+            if size != fe["size"]:
+                raise CheckpointError(f"{fp}: {size} bytes, manifest says {fe['size']} (truncated or modified)")
+        self.tensors: dict[str, TensorEntry] = {}
+        for name, e in m["tensors"].items():
+            if e["file"] not in self.files:
+                raise CheckpointError(f"{mpath}: tensor {name} lives in {e['file']}, which the manifest does not list")
+            self.tensors[name] = TensorEntry(name, e["file"], e["layer"], e["encoding"], dtype_from_name(e["dtype"]),
+                                             tuple(e["shape"]), e["nnz"], e["parts"])
+        self._layer_names: dict[int, list[str]] = {}
+        for name, t in self.tensors.items():
+            if t.layer is not None:
+                self._layer_names.setdefault(t.layer, []).append(name)
+        self._mmaps: dict[str, object] = {}
+
+    # -- structure
+    def layer_tensors(self, i: int) -> list[str]:
+        return self._layer_names.get(i, [])
+
+    def layer_file(self, i: int) -> str:
+        return layer_file(i)
+
+    def layer_range(self, i: int) -> tuple[Path, int, int]:
+        """(file, start, end) of the contiguous bytes holding all of layer i's tensors."""
+        fe = self.files[layer_file(i)]
+        return self.path / layer_file(i), fe["data_start"], fe["data_end"]
+
+    def non_layer_tensors(self) -> list[str]:
+        return [n for n, t in self.tensors.items() if t.layer is None]
+
+    def stored_bytes(self, names=None) -> int:
+        return sum(self.tensors[n].stored_bytes for n in (names if names is not None else self.tensors))
+
+    def dense_bytes(self, names=None) -> int:
+        return sum(self.tensors[n].dense_bytes for n in (names if names is not None else self.tensors))
+
+    # -- lazy access by mmap
+    def _mmap(self, rel: str) -> torch.Tensor:
+        t = self._mmaps.get(rel)
+        if t is None:
+            import numpy as np
+
+            import warnings
+
+            arr = np.memmap(self.path / rel, dtype=np.uint8, mode="r")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # read-only mmap: we never write through it
+                t = torch.from_numpy(arr) if arr.size else torch.empty(0, dtype=torch.uint8)
+            self._mmaps[rel] = t
+        return t
+
+    def stored(self, name: str, verify: bool = False):
+        """The stored form of a parameter: a dense tensor or a BitmapTensor (views of an mmap; copy before writing)."""
+        e = self._entry(name)
+        buf = self._mmap(e.file)
+        parts = {k: _view(buf, 0, p) for k, p in e.parts.items()}
+        if verify:
+            for k, p in e.parts.items():
+                if digest(_as_bytes(parts[k])) != p["digest"]:
+                    raise CheckpointError(f"{self.path / e.file}: checksum mismatch in {p['name']} (tensor {name})")
+        return self._assemble(e, parts)
+
+    def _assemble(self, e: TensorEntry, parts: dict[str, torch.Tensor]):
+        if e.encoding == "dense":
+            return parts["dense"]
+        try:
+            bt = BitmapTensor.from_parts(parts, e.name.removesuffix(".weight"))
+        except FormatError as err:
+            raise CheckpointError(f"{self.path / e.file}: {err}") from None
+        if bt.nnz != e.nnz or tuple(bt.shape) != e.shape:
+            raise CheckpointError(f"{self.path / e.file}: {e.name} stores {bt.nnz} values of {list(bt.shape)}, manifest says {e.nnz} of {list(e.shape)}")
+        return bt
+
+    def load(self, name: str, device="cpu", verify: bool = False) -> torch.Tensor:
+        """A parameter as a dense tensor (decoded with the reference decoder), a fresh copy."""
+        s = self.stored(name, verify=verify)
+        if isinstance(s, BitmapTensor):
+            return decode(s, device=device)
+        return s.to(device, copy=True)
+
+    def _entry(self, name: str) -> TensorEntry:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor {name!r} in this checkpoint") from None
+
+    # -- whole layers by direct reads
+    def open_reader(self, i: int, direct: bool = True) -> FileReader:
+        return FileReader(self.layer_range(i)[0], direct=direct)
+
+    def read_layer(self, i: int, buf: torch.Tensor, reader: FileReader | None = None, direct: bool = True,
+                   verify: bool = True) -> dict:
+        """Read layer i's bytes into `buf` (see io.buffer_size_for) and return {name: stored form} as views.
+
+        With verify, the layer's digest is checked first and a mismatch raises CheckpointError
+        naming the layer and the corrupt tensor: nothing is ever computed on corrupt weights.
+        """
+        path, start, end = self.layer_range(i)
+        own = reader is None
+        reader = reader or FileReader(path, direct=direct)
+        try:
+            data = reader.read_range(start, end, buf)
+        finally:
+            if own:
+                reader.close()
+        return self.layer_views(i, data, verify=verify)
+
+    def layer_views(self, i: int, data: torch.Tensor, verify: bool = True) -> dict:
+        """{name: stored form} as views of `data`, which holds layer i's file bytes [data_start, data_end)."""
+        rel = layer_file(i)
+        fe = self.files[rel]
+        if verify and digest(_as_bytes(data)) != fe["digest"]:
+            bad = self._find_corrupt(i, data)
+            raise CheckpointError(f"{self.path / rel}: checksum mismatch in layer {i}{bad}: refusing to compute on corrupt weights")
+        out = {}
+        for name in self.layer_tensors(i):
+            e = self.tensors[name]
+            out[name] = self._assemble(e, {k: _view(data, fe["data_start"], p) for k, p in e.parts.items()})
+        return out
+
+    def _find_corrupt(self, i: int, data: torch.Tensor) -> str:
+        fe = self.files[layer_file(i)]
+        for name in self.layer_tensors(i):
+            for p in self.tensors[name].parts.values():
+                if digest(_as_bytes(_view(data, fe["data_start"], p))) != p["digest"]:
+                    return f" (tensor {p['name']})"
+        return ""
+
+    # -- verification
+    def verify(self, progress=None) -> None:
+        """Check every file's digest and every encoded tensor's consistency; raise CheckpointError on the first problem."""
+        import safetensors
+
+        for rel, fe in self.files.items():
+            fp = self.path / rel
+            buf = self._mmap(rel)
+            if digest(_as_bytes(buf[fe["data_start"] : fe["data_end"]])) != fe["digest"]:
+                names = [n for n, t in self.tensors.items() if t.file == rel]
+                for n in names:
+                    self.stored(n, verify=True)  # raises with the tensor name
+                raise CheckpointError(f"{fp}: checksum mismatch")
+            try:
+                with safetensors.safe_open(fp, framework="pt") as f:
+                    keys = set(f.keys())
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointError(f"{fp}: not a valid safetensors file ({e})") from None
+            for n, t in self.tensors.items():
+                if t.file != rel:
+                    continue
+                for p in t.parts.values():
+                    if p["name"] not in keys:
+                        raise CheckpointError(f"{fp}: tensor {p['name']} listed in the manifest is not in the file")
+                s = self.stored(n)
+                if isinstance(s, BitmapTensor):
+                    from .format import _unpack
+
+                    setbits = int(_unpack(s.bitmask, s.shape[1]).sum())
+                    if setbits != s.nnz:
+                        raise CheckpointError(f"{fp}: {n}: bitmask has {setbits} set bits but {s.nnz} values")
+            if progress is not None:
+                progress(rel)
+
+
+def open_checkpoint(path) -> Checkpoint:
+    """Open a sparseferry checkpoint folder (validates the manifest and file sizes; reads no weights).
+
+    Example:
+        ckpt = sparseferry.open_checkpoint("llama-sparse")
+        w = ckpt.load("model.layers.0.mlp.up_proj.weight")      # dense, decoded
+        bt = ckpt.stored("model.layers.0.mlp.up_proj.weight")    # BitmapTensor (mmap views)
+    """
+    return Checkpoint(path)
