@@ -124,7 +124,8 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
         if dtype not in VALUE_DTYPES:
             raise ConvertError(f"unsupported --dtype {dtype!r} (choose from {', '.join(VALUE_DTYPES)})")
         cast = VALUE_DTYPES[dtype]
-    _, _, info = info_from_config_dict(cfg)
+    _, meta_model, info = info_from_config_dict(cfg)
+    rename = _source_key_renamer(meta_model)
     weights = SourceWeights(src)
     ct = sparse_bitmask_config(cfg)
     out_cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "compression_config")}
@@ -135,14 +136,15 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
     names = set(info.param_names)
     dense_src: dict[str, str] = {}
     for k in weights.keys():
-        n = normalize_key(k, names, info.base_prefix)
+        n = normalize_key(k, names, info.base_prefix) or normalize_key(rename(k), names, info.base_prefix)
         if n is not None:
             dense_src[n] = k
     bitmap_src: dict[str, str] = {}
     if ct is not None:
         for k in weights.keys():
             if k.endswith(".compressed"):
-                n = normalize_key(k.removesuffix(".compressed") + ".weight", names, info.base_prefix)
+                wk = k.removesuffix(".compressed") + ".weight"
+                n = normalize_key(wk, names, info.base_prefix) or normalize_key(rename(wk), names, info.base_prefix)
                 if n is not None and n not in dense_src:
                     bitmap_src[n] = k.removesuffix(".compressed")
     tied = {t: s for t, s in info.tied.items() if t not in dense_src and t not in bitmap_src}
@@ -216,6 +218,30 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
     secs = time.perf_counter() - t0
     stats.update(seconds=secs, gbps=stats["dense_bytes"] / secs / 1e9 if secs else 0.0)
     return stats
+
+
+def _source_key_renamer(model):
+    """checkpoint key -> the model's parameter name, by transformers' own renaming rules.
+
+    Some architectures keep historical names in their checkpoints (GPT-NeoX saves `lm_head` as
+    `embed_out`); transformers renames them on load and we must do the same. Only pure renames
+    are applied (transforms that merge or split tensors cannot be streamed tensor by tensor);
+    where transformers has no such rules, keys are kept as they are.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        rules = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except Exception:  # noqa: BLE001 - older transformers: no renaming rules
+        return lambda key: key
+
+    def rename(key: str) -> str:
+        for rule in rules:
+            key = rule.rename_source_key(key)[0]
+        return key
+
+    return rename
 
 
 def _dense_nbytes(st: StoredTensor) -> int:
