@@ -17,4 +17,18 @@ def convert(*args, **kwargs):
     return _convert(*args, **kwargs)
 
 
-__all__ = ["BitmapTensor", "SparseferryError", "convert", "decode", "encode", "open_checkpoint", "__version__"]
+def load(*args, **kwargs):
+    """See sparseferry.runtime.engine.load."""
+    from .runtime import load as _load
+
+    return _load(*args, **kwargs)
+
+
+def load_tokenizer(*args, **kwargs):
+    """See sparseferry.runtime.engine.load_tokenizer."""
+    from .runtime import load_tokenizer as _load_tokenizer
+
+    return _load_tokenizer(*args, **kwargs)
+
+
+__all__ = ["load", "load_tokenizer", "BitmapTensor", "SparseferryError", "convert", "decode", "encode", "open_checkpoint", "__version__"]

@@ -32,6 +32,32 @@ def _cmd_inspect(a) -> int:
     return 0
 
 
+def _cmd_generate(a) -> int:
+    from .runtime import format_bytes, generate_text, load, load_tokenizer
+
+    model = load(a.dir, device=a.device, memory_budget=a.budget, storage=a.storage, direct_io=not a.page_cache,
+                 verify=not a.no_verify)
+    engine = model.sparseferry
+    try:
+        if not a.json:
+            print(f"[{engine.plan.summary()}]", file=sys.stderr)
+        summary, texts = generate_text(model, load_tokenizer(a.dir), a.prompt, max_new_tokens=a.max_new_tokens,
+                                       do_sample=a.temperature > 0, temperature=a.temperature, top_p=a.top_p,
+                                       seed=a.seed, stream=not a.json)
+    finally:
+        engine.close()
+    if a.json:
+        print(json.dumps(dict(summary, texts=texts)))
+    else:
+        print()
+        tps = summary["decode_tokens_per_s"]
+        bpt = summary["bytes_read_per_token"]
+        print(f"prefill {summary['prefill_s']:.2f} s | decode {tps or 0:.2f} tok/s | read {format_bytes(bpt or 0)}/token | "
+              f"I/O wait {summary['io_wait_s']:.2f} s, decompress {summary['decompress_s']:.2f} s, "
+              f"compute {summary['compute_s']:.2f} s | peak RSS {format_bytes(summary['peak_rss_bytes'])}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparseferry", description="Run LLMs larger than memory from bitmap-compressed sparse weights.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -51,6 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="also verify every checksum and bitmap")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("generate", help="generate text from a sparseferry checkpoint under a memory budget")
+    p.add_argument("dir", help="sparseferry checkpoint folder")
+    p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--budget", default=None, help="memory budget for weights: '4GiB', '512MB' or '30%%' of the stored weights (default: no limit)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--storage", choices=["disk", "host"], default="disk", help="where streamed layers live (default disk)")
+    p.add_argument("--page-cache", action="store_true", help="disk reads through the page cache (default: bypass it, O_DIRECT)")
+    p.add_argument("--no-verify", action="store_true", help="skip checksum verification of streamed layers")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(func=_cmd_generate)
 
     return ap
 

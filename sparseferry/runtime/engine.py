@@ -1,0 +1,302 @@
+"""`sparseferry.load`: a HuggingFace causal LM whose decoder layers stream from a sparseferry checkpoint.
+
+The model is the transformers model itself, built from the checkpoint's config on the meta device
+(any causal LM whose decoder layers form a ModuleList, no per-model code). Non-layer weights and the
+layers the plan keeps dense are materialized on the device; every other layer keeps meta parameters
+and, around its forward, a pre-hook installs dense views from the pipeline's slot (`acquire`) and a
+post-hook hands the slot back (`release`). So `model.generate`, `model(input_ids)`, sampling,
+batching and the KV cache are exactly transformers'.
+"""
+from __future__ import annotations
+
+import resource
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import SparseferryError
+from ..hf import config_from_dict, model_info
+from ..store import Checkpoint, CheckpointError, open_checkpoint
+from .budget import format_bytes, parse_budget
+from .pipeline import LayerSource, Pipeline
+from .plan import Plan, make_plan
+
+
+class RuntimeLoadError(SparseferryError):
+    """The checkpoint cannot be loaded on this device with these settings."""
+
+
+def _device(device) -> torch.device:
+    d = torch.device(device)
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeLoadError("device 'cuda' requested but CUDA is not available (torch.cuda.is_available() is False); use device='cpu'")
+        if d.index is None:
+            d = torch.device("cuda", torch.cuda.current_device())
+    elif d.type != "cpu":
+        raise RuntimeLoadError(f"device {device!r} is not supported (use 'cpu' or 'cuda')")
+    return d
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor | nn.Parameter) -> None:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    mod._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+@dataclass
+class PassRecord:
+    batch: int
+    tokens: int  # new positions computed in this forward pass
+    seconds: float
+    bytes_read: int
+    wait_s: float
+    decompress_s: float
+
+
+class StreamingEngine:
+    """Owns the plan, the pipeline and the hooks of one loaded model; `model.sparseferry` points here."""
+
+    def __init__(self, ckpt: Checkpoint, model: nn.Module, plan: Plan, device: torch.device, pipeline: Pipeline | None,
+                 layers: nn.ModuleList, rss_before: int):
+        self.ckpt, self.model, self.plan, self.device = ckpt, model, plan, device
+        self.pipeline = pipeline
+        self.layers = layers
+        self.rss_before = rss_before
+        self.passes: list[PassRecord] = []
+        self.compute_s = 0.0
+        self._pass_t0 = None
+        self._handles = []
+        self._install_hooks()
+
+    # -- hooks: the schedule's compute side
+    def _install_hooks(self) -> None:
+        streamed = set(self.plan.streamed)
+        for i, layer in enumerate(self.layers):
+            if i in streamed:
+                self._handles.append(layer.register_forward_pre_hook(self._make_pre(i)))
+                self._handles.append(layer.register_forward_hook(self._make_post(i)))
+        self._handles.append(self.model.register_forward_pre_hook(self._pass_start, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._pass_end, with_kwargs=True))
+
+    def _make_pre(self, i: int):
+        layer = self.layers[i]
+
+        def pre(module, args):
+            for rel, t in self.pipeline.acquire(i).items():  # wait(n)
+                _set_param(layer, rel, t)
+            self._layer_t0 = time.perf_counter()
+
+        return pre
+
+    def _make_post(self, i: int):
+        def post(module, args, output):
+            self.compute_s += time.perf_counter() - self._layer_t0
+            self.pipeline.release(i)  # release(n): the slot may be refilled
+
+        return post
+
+    def _pass_start(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        shape = tuple(ids.shape[:2]) if ids is not None else (1, 1)
+        ps = self.pipeline.stats if self.pipeline else None
+        self._pass_t0 = (time.perf_counter(), shape, ps.bytes_read if ps else 0, ps.wait_s if ps else 0.0,
+                         ps.decompress_s if ps else 0.0)
+
+    def _pass_end(self, module, args, kwargs, output):
+        if self._pass_t0 is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0, shape, b0, w0, d0 = self._pass_t0
+        ps = self.pipeline.stats if self.pipeline else None
+        self.passes.append(PassRecord(batch=shape[0], tokens=shape[1], seconds=time.perf_counter() - t0,
+                                      bytes_read=(ps.bytes_read - b0) if ps else 0, wait_s=(ps.wait_s - w0) if ps else 0.0,
+                                      decompress_s=(ps.decompress_s - d0) if ps else 0.0))
+        self._pass_t0 = None
+
+    # -- reporting
+    def reset_stats(self) -> None:
+        self.passes.clear()
+        self.compute_s = 0.0
+
+    def summary(self) -> dict:
+        """Prefill / decode timings, bytes read per token, time split and memory, over the recorded passes."""
+        prefill = [p for p in self.passes if p.tokens > 1]
+        decode = [p for p in self.passes if p.tokens == 1]
+        dsec = sum(p.seconds for p in decode)
+        dtok = sum(p.batch for p in decode)
+        total = sum(p.seconds for p in self.passes)
+        wait = sum(p.wait_s for p in self.passes)
+        out = {
+            "plan": {t: self.plan.count(t) for t in ("dense", "compressed", "host", "disk")},
+            "budget_bytes": self.plan.budget,
+            "device_weight_bytes": self.plan.device_bytes,
+            "prefill_s": sum(p.seconds for p in prefill),
+            "prefill_tokens": sum(p.tokens * p.batch for p in prefill),
+            "decode_steps": len(decode),
+            "decode_tokens": dtok,
+            "decode_s_per_step": dsec / len(decode) if decode else None,
+            "decode_tokens_per_s": dtok / dsec if dsec else None,
+            "bytes_read_per_token": (sum(p.bytes_read for p in decode) / len(decode)) if decode else None,
+            "bytes_read": sum(p.bytes_read for p in self.passes),
+            "io_wait_s": wait,
+            "decompress_s": sum(p.decompress_s for p in self.passes),
+            "compute_s": max(total - wait, 0.0),
+            "io_wait_share": wait / total if total else 0.0,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_before_load_bytes": self.rss_before,
+        }
+        if self.device.type == "cuda":
+            out["peak_device_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self.pipeline is not None:
+            self.pipeline.close()
+
+
+def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direct_io: bool = True,
+         verify: bool = True, nslots: int = 2, nreadbufs: int = 2, decompress_threads: int | None = None,
+         attn_implementation: str | None = None) -> nn.Module:
+    """Load a sparseferry checkpoint as a HuggingFace causal LM that streams what does not fit.
+
+    Args:
+        path: a folder written by `sparseferry convert` or `sparseferry prune`.
+        device: "cpu" or "cuda" (or "cuda:N").
+        memory_budget: bytes or a size string ("4GiB", "512MB") or a share of the stored weights ("30%");
+            bounds the weights the engine holds on the device: resident layers, embeddings/head, and the
+            streaming buffers. None: everything resident, dense.
+        storage: where streamed layers live: "disk" (read from the files at every use, bypassing the page
+            cache unless direct_io=False) or "host" (compressed in host memory; pinned on CUDA).
+        verify: check each layer's checksum every time it is read from disk.
+        nslots / nreadbufs: dense slots and read buffers of the streaming pipeline (more = deeper prefetch).
+    Returns:
+        the transformers model; `model.sparseferry` is its StreamingEngine (plan, summary(), close()).
+    Raises:
+        CheckpointError (not a checkpoint, corrupt), BudgetError (unparseable, below the minimum),
+        RuntimeLoadError (device unavailable, architecture unknown).
+    """
+    dev = _device(device)
+    rss_before = _rss_bytes()
+    ckpt = open_checkpoint(path)
+    config = config_from_dict(ckpt.config)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    dtype = _checkpoint_dtype(ckpt)
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
+            try:
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            except ValueError as e:
+                raise RuntimeLoadError(f"{ckpt.path}: transformers cannot build {config.model_type!r}: {e}") from None
+    info = model_info(model)
+    if info.layers_prefix != ckpt.layers_prefix or info.num_layers != ckpt.num_layers:
+        raise CheckpointError(f"{ckpt.path}: checkpoint has {ckpt.num_layers} layers under {ckpt.layers_prefix!r}, "
+                              f"the model built from its config has {info.num_layers} under {info.layers_prefix!r}")
+    missing = [n for n in info.param_names if n not in ckpt.tensors and n not in ckpt.tied and n not in info.tied]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: no weights for {', '.join(missing[:5])}")
+    budget = parse_budget(memory_budget, ckpt.stored_bytes())
+    plan = make_plan(ckpt, budget, storage=storage, nslots=nslots, nreadbufs=nreadbufs)
+    layers = model.get_submodule(info.layers_prefix)
+
+    # 1. non-layer weights and dense-resident layers: decoded once, on the device
+    for name in ckpt.non_layer_tensors():
+        _set_param(model, name, ckpt.load(name, verify=verify).to(dev))
+    for i, tier in enumerate(plan.tiers):
+        if tier == "dense":
+            for name in ckpt.layer_tensors(i):
+                _set_param(model, name, ckpt.load(name, verify=verify).to(dev))
+    for target, source in {**info.tied, **ckpt.tied}.items():
+        if target in ckpt.tensors:
+            continue
+        src_mod, _, src_leaf = source.rpartition(".")
+        _set_param(model, target, model.get_submodule(src_mod)._parameters[src_leaf])
+    ckpt._mmaps.clear()  # drop the file mappings (they count in RSS once touched)
+    for mod in model.modules():
+        for bname, buf in list(mod._buffers.items()):
+            if buf is not None and buf.device != dev and buf.device.type != "meta":
+                mod._buffers[bname] = buf.to(dev)
+
+    # 2. streamed layers: their sources and the pipeline
+    pipeline = None
+    if plan.streamed:
+        sources, slot_shapes = [], {}
+        for i in plan.streamed:
+            path_i, start, end = ckpt.layer_range(i)
+            tier = plan.tiers[i]
+            if tier == "disk":
+                src = LayerSource(i, tier, reader=ckpt.open_reader(i, direct=direct_io), start=start, end=end)
+            else:
+                data = _read_resident(ckpt, i, dev if tier == "compressed" else torch.device("cpu"),
+                                      pin=dev.type == "cuda" and tier == "host")
+                src = LayerSource(i, tier, data=data, start=start, end=end)
+            sources.append(src)
+            plen = len(f"{ckpt.layers_prefix}.{i}.")
+            for name in ckpt.layer_tensors(i):
+                e = ckpt.tensors[name]
+                numel = 1
+                for s in e.shape:
+                    numel *= s
+                rel = name[plen:]
+                prev = slot_shapes.get(rel, (0, e.dtype))[0]
+                slot_shapes[rel] = (max(prev, numel), e.dtype)
+        pipeline = Pipeline(ckpt, sources, dev, nslots=plan.nslots, nreadbufs=plan.nreadbufs, readbuf_bytes=plan.readbuf_bytes,
+                            slot_shapes=slot_shapes, verify=verify, decompress_threads=decompress_threads)
+    model.eval()
+    engine = StreamingEngine(ckpt, model, plan, dev, pipeline, layers, rss_before)
+    model.sparseferry = engine
+    return model
+
+
+def _read_resident(ckpt: Checkpoint, i: int, device: torch.device, pin: bool) -> torch.Tensor:
+    """Layer i's bytes, verified, held in memory (device for the compressed tier, host for the host tier)."""
+    from ..io import aligned_empty, buffer_size_for
+
+    path, start, end = ckpt.layer_range(i)
+    buf = aligned_empty(buffer_size_for(start, end))
+    with ckpt.open_reader(i, direct=True) as r:
+        data = r.read_range(start, end, buf)
+    ckpt.layer_views(i, data, verify=True)  # raises on a checksum mismatch
+    out = torch.empty(end - start, dtype=torch.uint8, device=device, pin_memory=pin and device.type == "cpu")
+    out.copy_(data)
+    return out
+
+
+def _checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
+    counts: dict[torch.dtype, int] = {}
+    for t in ckpt.tensors.values():
+        if t.dtype.is_floating_point:
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.dense_bytes
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def load_tokenizer(path):
+    """The tokenizer saved in a checkpoint (or any HF) folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: no usable tokenizer ({e})") from None
+
+
+__all__ = ["load", "load_tokenizer", "StreamingEngine", "RuntimeLoadError", "format_bytes"]

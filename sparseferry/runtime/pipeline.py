@@ -1,0 +1,294 @@
+"""The streaming schedule: compressed layers flow through a few dense slots while earlier layers compute.
+
+Every use of a streamed layer gets a sequence number n (layer order[n % len(order)], cycling over
+forward passes). Three actors work on consecutive n at once:
+
+    reader        for n = 0, 1, ...:  read(n)        -> readbuf[n % R]   (waits: buffer freed by decompress(n - R))
+    decompressor  for n = 0, 1, ...:  decompress(n)  -> slot[n % K]      (waits: read(n), release(n - K))
+    compute       for n = 0, 1, ...:  wait(n); compute(n); release(n)   (the decoder layer's forward)
+
+so from the compute side the loop reads `prefetch(n+1..n+K-1); wait(n); compute(n); release(n)`: the
+prefetch is the two threads running ahead, bounded by K slots and R read buffers. Layers resident
+compressed (or in host memory) skip the read; disk layers are read with direct I/O and their checksum
+is verified before anything is decompressed. On CUDA the copy to the device and the decompression
+run on a side stream; a slot is reused only after the compute stream has finished with it (event).
+
+If layers are ever used out of order (a forward pass that raised, a model that skips layers), the
+pipeline drains and restarts at the requested layer: it can never hand out a slot holding the wrong layer.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..format import BitmapTensor
+from ..io import FileReader, aligned_empty
+from ..store import Checkpoint
+
+
+@dataclass
+class LayerSource:
+    """Where the compressed bytes of one streamed layer come from."""
+
+    index: int
+    tier: str  # "compressed" | "host" | "disk"
+    data: torch.Tensor | None = None  # resident bytes [data_start, data_end) (compressed / host tiers)
+    reader: FileReader | None = None  # disk tier
+    start: int = 0
+    end: int = 0
+
+
+@dataclass
+class PipelineStats:
+    bytes_read: int = 0  # from disk
+    bytes_copied: int = 0  # host -> device (CUDA)
+    read_s: float = 0.0  # reader thread busy
+    decompress_s: float = 0.0  # decompressor thread busy
+    wait_s: float = 0.0  # compute side blocked in wait(n)
+    uses: int = 0  # layer uses served
+    restarts: int = 0
+    per_layer_wait: dict = field(default_factory=dict)
+
+
+def _decompress_fn():
+    try:
+        from ..kernels import decompress  # native CPU / Triton kernels when built
+    except ImportError:
+        from ..format import decode
+
+        def decompress(bt, out=None, threads=None):  # noqa: ARG001 - same signature as the kernels
+            return decode(bt, out=out)
+
+    return decompress
+
+
+class Pipeline:
+    """Streams the layers in `sources` (in order) through `nslots` dense slots on `device`.
+
+    slot_shapes: {name relative to the layer ("mlp.up_proj.weight"): (numel, dtype)} large enough for
+    every streamed layer. acquire(i) returns {relative name: dense tensor view} for layer i.
+    """
+
+    def __init__(self, ckpt: Checkpoint, sources: list[LayerSource], device: torch.device, nslots: int, nreadbufs: int,
+                 readbuf_bytes: int, slot_shapes: dict, verify: bool = True, decompress_threads: int | None = None):
+        self.ckpt = ckpt
+        self.sources = sources
+        self.order = [s.index for s in sources]
+        self.pos = {s.index: p for p, s in enumerate(sources)}
+        self.device = device
+        self.K, self.R = nslots, nreadbufs
+        self.verify = verify
+        self.cuda = device.type == "cuda"
+        self.decompress = _decompress_fn()
+        self.decompress_threads = decompress_threads
+        self.prefix = {s.index: f"{ckpt.layers_prefix}.{s.index}." for s in sources}
+        # dense slots: one tensor per relative parameter name, sized for the largest layer
+        self.slots = [{rel: torch.empty(numel, dtype=dt, device=device) for rel, (numel, dt) in slot_shapes.items()}
+                      for _ in range(nslots)]
+        any_disk = any(s.tier == "disk" for s in sources)
+        self.readbufs = [aligned_empty(readbuf_bytes, pin=self.cuda) for _ in range(nreadbufs)] if any_disk else []
+        any_copy = self.cuda and any(s.tier in ("disk", "host") for s in sources)
+        stage_bytes = max((s.end - s.start for s in sources), default=0)
+        self.staging = [torch.empty(stage_bytes, dtype=torch.uint8, device=device) for _ in range(max(nreadbufs, 1))] if any_copy else []
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.slot_free_event: list = [None] * nslots
+        self.stats = PipelineStats()
+        self.cv = threading.Condition()
+        self.threads: list[threading.Thread] = []
+        self._reset(base=0)
+
+    # -- state, guarded by self.cv
+    def _reset(self, base: int) -> None:
+        self.base = base  # position in `order` of sequence number 0
+        self.read_n = 0  # reads completed: n < read_n
+        self.decomp_n = 0  # decompressions completed
+        self.released_n = 0  # slots released by compute
+        self.cur = 0  # next n the compute side will use
+        self.pending: dict[int, dict] = {}  # n -> stored views of layer(n), read and verified
+        self.error: BaseException | None = None
+        self.stop = False
+        self.broken = False  # a stage failed: the next acquire restarts from scratch
+        self.slot_layer = [-1] * self.K
+
+    def layer_of(self, n: int) -> int:
+        return self.order[(self.base + n) % len(self.order)]
+
+    def start(self) -> None:
+        if self.threads or not self.order:
+            return
+        self.threads = [threading.Thread(target=self._reader, name="sparseferry-reader", daemon=True),
+                        threading.Thread(target=self._decompressor, name="sparseferry-decompress", daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def shutdown(self) -> None:
+        with self.cv:
+            self.stop = True
+            self.cv.notify_all()
+        for t in self.threads:
+            t.join()
+        self.threads = []
+
+    def close(self) -> None:
+        self.shutdown()
+        for s in self.sources:
+            if s.reader is not None:
+                s.reader.close()
+
+    def _wait_for(self, pred) -> bool:
+        """Wait (holding cv) until pred() or stop; False if stopped."""
+        while not pred():
+            if self.stop:
+                return False
+            self.cv.wait(0.1)
+        return not self.stop
+
+    # -- reader thread: read(n) for n = 0, 1, ...
+    def _reader(self) -> None:
+        n = 0
+        while True:
+            with self.cv:
+                if not self._wait_for(lambda: n - self.decomp_n < max(self.R, 1)):
+                    return
+            try:
+                views = self._read(n)
+            except BaseException as e:  # noqa: BLE001 - handed to the compute side
+                with self.cv:
+                    self.error = e
+                    self.cv.notify_all()
+                return
+            with self.cv:
+                if self.stop:
+                    return
+                self.pending[n] = views
+                self.read_n = n + 1
+                self.cv.notify_all()
+            n += 1
+
+    def _read(self, n: int) -> dict:
+        src = self.sources[self.pos[self.layer_of(n)]]
+        if src.tier != "disk":
+            return {"data": src.data, "index": src.index}
+        t0 = time.perf_counter()
+        buf = self.readbufs[n % self.R]
+        data = src.reader.read_range(src.start, src.end, buf)
+        views = self.ckpt.layer_views(src.index, data, verify=self.verify)  # raises on checksum mismatch
+        self.stats.read_s += time.perf_counter() - t0
+        self.stats.bytes_read += src.end - src.start
+        return {"data": data, "index": src.index, "views": views}
+
+    # -- decompressor thread: decompress(n) for n = 0, 1, ...
+    def _decompressor(self) -> None:
+        n = 0
+        while True:
+            with self.cv:
+                if not self._wait_for(lambda: n < self.read_n and n - self.released_n < self.K):
+                    return
+                item = self.pending.pop(n)
+            try:
+                self._decompress_into(n, item)
+            except BaseException as e:  # noqa: BLE001
+                with self.cv:
+                    self.error = e
+                    self.cv.notify_all()
+                return
+            with self.cv:
+                if self.stop:
+                    return
+                self.slot_layer[n % self.K] = item["index"]
+                self.decomp_n = n + 1
+                self.cv.notify_all()
+            n += 1
+
+    def _decompress_into(self, n: int, item: dict) -> None:
+        t0 = time.perf_counter()
+        i, data = item["index"], item["data"]
+        slot = self.slots[n % self.K]
+        if self.cuda:
+            ev = self.slot_free_event[n % self.K]
+            with torch.cuda.stream(self.stream):
+                if ev is not None:
+                    self.stream.wait_event(ev)  # compute finished with this slot
+                if data.device.type != "cuda":  # host or disk tier: one copy of the compressed bytes
+                    stage = self.staging[n % len(self.staging)][: data.numel()]
+                    stage.copy_(data, non_blocking=True)
+                    self.stats.bytes_copied += data.numel()
+                    data = stage
+                self._fill(slot, i, self.ckpt.layer_views(i, data, verify=False))
+            self.stream.synchronize()  # slot complete, read buffer free again
+        else:
+            views = item.get("views") or self.ckpt.layer_views(i, data, verify=False)
+            self._fill(slot, i, views)
+        self.stats.decompress_s += time.perf_counter() - t0
+
+    def _fill(self, slot: dict, i: int, views: dict) -> None:
+        plen = len(self.prefix[i])
+        for name, stored in views.items():
+            rel = name[plen:]
+            if isinstance(stored, BitmapTensor):
+                out = slot[rel][: stored.shape[0] * stored.shape[1]].view(stored.shape)
+                self.decompress(stored, out=out, threads=self.decompress_threads)
+            else:
+                out = slot[rel][: stored.numel()].view(stored.shape)
+                out.copy_(stored, non_blocking=self.cuda)
+
+    # -- compute side
+    def acquire(self, layer: int) -> dict[str, torch.Tensor]:
+        """wait(n): the dense tensors of `layer` (views into its slot), once decompressed."""
+        t0 = time.perf_counter()
+        self.start()
+        with self.cv:
+            restart = self.broken or self.layer_of(self.cur) != layer
+        if restart:
+            self._restart(layer)
+        with self.cv:
+            n = self.cur
+            while self.decomp_n <= n:
+                if self.error is not None:
+                    err, self.error = self.error, None
+                    self.stop = self.broken = True
+                    self.cv.notify_all()
+                    raise err
+                self.cv.wait(0.1)
+            assert self.slot_layer[n % self.K] == layer, "pipeline slot holds the wrong layer"
+        dt = time.perf_counter() - t0
+        self.stats.wait_s += dt
+        self.stats.per_layer_wait[layer] = self.stats.per_layer_wait.get(layer, 0.0) + dt
+        self.stats.uses += 1
+        src = self.sources[self.pos[layer]]
+        return self._slot_views(n % self.K, src.index)
+
+    def _slot_views(self, k: int, i: int) -> dict[str, torch.Tensor]:
+        plen = len(self.prefix[i])
+        out = {}
+        for name in self.ckpt.layer_tensors(i):
+            e = self.ckpt.tensors[name]
+            numel = 1
+            for s in e.shape:
+                numel *= s
+            out[name[plen:]] = self.slots[k][name[plen:]][:numel].view(e.shape)
+        return out
+
+    def release(self, layer: int) -> None:
+        """release(n): compute is done with the slot of `layer`."""
+        with self.cv:
+            n = self.cur
+            if self.layer_of(n) != layer:
+                return  # out of order: the next acquire restarts
+            if self.cuda:
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(self.device))
+                self.slot_free_event[n % self.K] = ev
+            self.cur = n + 1
+            self.released_n = n + 1
+            self.cv.notify_all()
+
+    def _restart(self, layer: int) -> None:
+        self.shutdown()
+        self.stats.restarts += 1
+        with self.cv:
+            self._reset(base=self.pos[layer])
+        self.start()

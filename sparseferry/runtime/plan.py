@@ -1,0 +1,135 @@
+"""Placement of weights in tiers under a memory budget.
+
+Tiers, fastest first:
+  dense       resident on the device, decompressed once at load
+  compressed  resident on the device, still compressed: decompressed into a slot at each use
+  host        compressed in host memory (pinned on CUDA): copied and decompressed at each use
+  disk        compressed in the checkpoint files: read (bypassing the page cache) at each use
+
+The planner puts the non-layer weights (embeddings, norms, lm_head) on the device first, reserves the
+streaming buffers (dense slots and read buffers), then makes as many decoder layers resident as fit,
+compressed first (it lets more fit), then upgrades layers to dense with what is left.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..io import buffer_size_for
+from ..store import Checkpoint
+from .budget import BudgetError, format_bytes
+
+RESIDENT = ("dense", "compressed")
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: int | None  # bytes, None = unlimited
+    storage: str  # where streamed layers come from: "disk" | "host"
+    tiers: tuple[str, ...]  # per decoder layer
+    fixed_bytes: int  # non-layer weights, dense on the device
+    layer_dense_bytes: tuple[int, ...]
+    layer_stored_bytes: tuple[int, ...]
+    nslots: int  # dense slots streamed layers are decompressed into
+    slot_bytes: int  # bytes of one slot (the largest layer, dense)
+    nreadbufs: int  # buffers compressed layers are read into (disk tier)
+    readbuf_bytes: int
+    minimum_bytes: int  # the smallest budget that works (everything streamed)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def streamed(self) -> list[int]:
+        return [i for i, t in enumerate(self.tiers) if t != "dense"]
+
+    def count(self, tier: str) -> int:
+        return sum(t == tier for t in self.tiers)
+
+    @property
+    def device_bytes(self) -> int:
+        """Everything the budget covers: resident weights plus streaming buffers."""
+        total = self.fixed_bytes + self.nslots * self.slot_bytes + self.nreadbufs * self.readbuf_bytes
+        for t, d, s in zip(self.tiers, self.layer_dense_bytes, self.layer_stored_bytes):
+            total += d if t == "dense" else s if t == "compressed" else 0
+        return total
+
+    @property
+    def host_bytes(self) -> int:
+        """Compressed layers held in host memory outside the budget (storage='host')."""
+        return sum(s for t, s in zip(self.tiers, self.layer_stored_bytes) if t == "host")
+
+    def summary(self) -> str:
+        b = "unlimited" if self.budget is None else format_bytes(self.budget)
+        return (f"budget {b}: {self.count('dense')} layers dense, {self.count('compressed')} compressed resident, "
+                f"{self.count('host')} from host memory, {self.count('disk')} from disk; "
+                f"device weights {format_bytes(self.device_bytes)} (minimum {format_bytes(self.minimum_bytes)})")
+
+
+def layer_sizes(ckpt: Checkpoint) -> tuple[list[int], list[int], list[int]]:
+    """Per layer: dense bytes, stored bytes, read-buffer bytes (aligned range covering the layer)."""
+    dense, stored, readbuf = [], [], []
+    for i in range(ckpt.num_layers):
+        dense.append(ckpt.dense_bytes(ckpt.layer_tensors(i)))
+        _, start, end = ckpt.layer_range(i)
+        stored.append(end - start)
+        readbuf.append(buffer_size_for(start, end))
+    return dense, stored, readbuf
+
+
+def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslots: int = 2, nreadbufs: int = 2) -> Plan:
+    """Fill the budget (bytes) as described in the module docstring; BudgetError if it cannot work.
+
+    When the budget cannot hold `nslots` slots and `nreadbufs` read buffers, a shallower pipeline
+    (down to one of each) is used rather than failing: slower overlap, same results.
+    """
+    if storage not in ("disk", "host"):
+        raise BudgetError(f"storage must be 'disk' or 'host', got {storage!r}")
+    depths = [(nslots, nreadbufs)] + [d for d in ((2, 1), (1, 1)) if d[0] <= nslots and d[1] <= nreadbufs and d != (nslots, nreadbufs)]
+    smallest = _minimum(ckpt, storage, *depths[-1])
+    err = None
+    for k, r in depths:
+        try:
+            return dataclasses.replace(_plan(ckpt, budget, storage, k, r), minimum_bytes=smallest)
+        except BudgetError as e:
+            err = e  # the last one names the smallest pipeline, hence the true minimum
+    raise err
+
+
+def _minimum(ckpt: Checkpoint, storage: str, nslots: int, nreadbufs: int) -> int:
+    dense, _, readbuf = layer_sizes(ckpt)
+    return (ckpt.dense_bytes(ckpt.non_layer_tensors()) + nslots * max(dense, default=0)
+            + (nreadbufs * max(readbuf, default=0) if storage == "disk" else 0))
+
+
+def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nreadbufs: int) -> Plan:
+    n = ckpt.num_layers
+    dense, stored, readbuf = layer_sizes(ckpt)
+    fixed = ckpt.dense_bytes(ckpt.non_layer_tensors())
+    slot = max(dense, default=0)
+    rbuf = max(readbuf, default=0)
+    stream_cost = nslots * slot + (nreadbufs * rbuf if storage == "disk" else 0)
+    minimum = fixed + stream_cost
+    common = dict(budget=budget, storage=storage, fixed_bytes=fixed, layer_dense_bytes=tuple(dense),
+                  layer_stored_bytes=tuple(stored), minimum_bytes=minimum)
+    if budget is None or budget >= fixed + sum(dense):
+        return Plan(tiers=("dense",) * n, nslots=0, slot_bytes=0, nreadbufs=0, readbuf_bytes=rbuf, **common)
+    if budget < minimum:
+        raise BudgetError(
+            f"memory budget {format_bytes(budget)} is below the minimum {format_bytes(minimum)} for this model "
+            f"({format_bytes(fixed)} of embeddings/norms/head + {nslots} x {format_bytes(slot)} decompression slots"
+            + (f" + {nreadbufs} x {format_bytes(rbuf)} read buffers" if storage == "disk" else "") + ")")
+    tiers = ["disk" if storage == "disk" else "host"] * n
+    avail = budget - fixed - stream_cost
+    for i in range(n):  # as many layers resident as fit, compressed
+        if stored[i] <= avail:
+            tiers[i], avail = "compressed", avail - stored[i]
+    if all(t == "compressed" for t in tiers) and storage == "disk":
+        avail += nreadbufs * rbuf  # nothing is read from disk any more: no read buffers
+        nreadbufs_used = 0
+    else:
+        nreadbufs_used = nreadbufs if storage == "disk" else 0
+    for i in range(n):  # then upgrade to dense with what is left
+        if tiers[i] == "compressed" and dense[i] - stored[i] <= avail:
+            tiers[i], avail = "dense", avail - (dense[i] - stored[i])
+    nslots_used = nslots if any(t != "dense" for t in tiers) else 0
+    return Plan(tiers=tuple(tiers), nslots=nslots_used, slot_bytes=slot if nslots_used else 0,
+                nreadbufs=nreadbufs_used, readbuf_bytes=rbuf, **common)
