@@ -173,11 +173,14 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
                 bt.values = bt.values.to(cast)
             return from_bitmap(name, bt)
         w = weights.get(dense_src[name])
-        if name in sparse_names and w.dtype not in VALUE_DTYPES.values():
-            raise ConvertError(f"{weights._where[dense_src[name]]}: tensor {dense_src[name]} has dtype {w.dtype}; "
-                               "expected bfloat16, float16 or float32 (use --dtype to cast)")
         if cast is not None and w.is_floating_point():
             w = w.to(cast)
+        if name in sparse_names and w.dtype not in VALUE_DTYPES.values():
+            # float64 (or fp8) converts with an explicit cast; integer weights are quantized: refused
+            hint = ("use --dtype bfloat16, float16 or float32 to cast it" if w.is_floating_point()
+                    else "integer (quantized) weights cannot be stored in the bitmap format")
+            raise ConvertError(f"{weights._where[dense_src[name]]}: tensor {dense_src[name]} has dtype {w.dtype}; "
+                               f"expected bfloat16, float16 or float32 ({hint})")
         return prepare(name, w, sparse=name in sparse_names)
 
     stored_names = [n for n in info.param_names if n not in tied]
@@ -212,7 +215,7 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
         for f in sorted(src.iterdir()):
             if f.is_file() and f.name not in _COPY_SKIP and f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"):
                 writer.copy_file(f)
-        (writer.tmp / "config.json").write_text(json.dumps(out_cfg, indent=2))
+        writer.write_text("config.json", json.dumps(out_cfg, indent=2))
         writer.commit()
     bar.close()
     secs = time.perf_counter() - t0

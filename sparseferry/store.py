@@ -35,6 +35,7 @@ _ST_DTYPES = {  # torch dtype <-> safetensors dtype string
 }
 _ST_FROM = {v: k for k, v in _ST_DTYPES.items()}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write failed for lack of room
 
 
 class CheckpointError(SparseferryError):
@@ -184,8 +185,8 @@ class CheckpointWriter:
         try:
             fentry, parts = _write_safetensors(path, tensors)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise CheckpointError(f"{self.dst}: out of disk space while writing {relpath} ({e.strerror}); nothing was written") from None
+            if e.errno in _DISK_FULL:
+                raise self._out_of_space(relpath, e) from None
             raise
         self.manifest["files"][relpath] = fentry
         for st in tensors:
@@ -194,17 +195,40 @@ class CheckpointWriter:
                 "shape": list(st.shape), "nnz": st.nnz, "parts": parts[st.name],
             }
 
+    def _out_of_space(self, what: str, e: OSError) -> CheckpointError:
+        return CheckpointError(f"{self.dst}: out of disk space while writing {what} ({e.strerror}); nothing was written")
+
     def copy_file(self, src: Path, name: str | None = None) -> None:
-        shutil.copy2(src, self.tmp / (name or Path(src).name))
+        name = name or Path(src).name
+        try:
+            shutil.copy2(src, self.tmp / name)
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise self._out_of_space(name, e) from None
+            raise
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write a small text file (e.g. config.json) into the checkpoint."""
+        try:
+            (self.tmp / name).write_text(text)
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise self._out_of_space(name, e) from None
+            raise
 
     def commit(self) -> Path:
         mpath = self.tmp / MANIFEST
-        with open(mpath, "w") as f:
-            json.dump(self.manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if not (self.tmp / "config.json").exists():
-            (self.tmp / "config.json").write_text(json.dumps(self.manifest["config"], indent=2))
+        try:
+            with open(mpath, "w") as f:
+                json.dump(self.manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            if not (self.tmp / "config.json").exists():
+                (self.tmp / "config.json").write_text(json.dumps(self.manifest["config"], indent=2))
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise self._out_of_space(MANIFEST, e) from None
+            raise
         if self.dst.exists():  # force: replace only now that the new one is complete
             old = self.dst.parent / f".{self.dst.name}.old-{os.getpid()}"
             os.rename(self.dst, old)
@@ -225,6 +249,9 @@ class CheckpointWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                # a caller's own write into self.tmp (e.g. an extra file) ran out of room
+                raise self._out_of_space(Path(exc.filename).name if exc.filename else "the checkpoint", exc) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,15 +329,20 @@ class Checkpoint:
             fp = self.path / rel
             if not fp.is_file():
                 raise CheckpointError(f"{fp}: listed in the manifest but missing")
+            if not isinstance(fe, dict) or not all(k in fe for k in ("size", "data_start", "data_end", "digest")):
+                raise CheckpointError(f"{mpath}: malformed entry for file {rel}")
             size = fp.stat().st_size
             if size != fe["size"]:
                 raise CheckpointError(f"{fp}: {size} bytes, manifest says {fe['size']} (truncated or modified)")
         self.tensors: dict[str, TensorEntry] = {}
         for name, e in m["tensors"].items():
-            if e["file"] not in self.files:
-                raise CheckpointError(f"{mpath}: tensor {name} lives in {e['file']}, which the manifest does not list")
-            self.tensors[name] = TensorEntry(name, e["file"], e["layer"], e["encoding"], dtype_from_name(e["dtype"]),
-                                             tuple(e["shape"]), e["nnz"], e["parts"])
+            try:
+                if e["file"] not in self.files:
+                    raise CheckpointError(f"{mpath}: tensor {name} lives in {e['file']}, which the manifest does not list")
+                self.tensors[name] = TensorEntry(name, e["file"], e["layer"], e["encoding"], dtype_from_name(e["dtype"]),
+                                                 tuple(e["shape"]), e["nnz"], e["parts"])
+            except (KeyError, TypeError) as err:
+                raise CheckpointError(f"{mpath}: malformed entry for tensor {name} ({type(err).__name__}: {err})") from None
         self._layer_names: dict[int, list[str]] = {}
         for name, t in self.tensors.items():
             if t.layer is not None:
@@ -445,15 +477,22 @@ class Checkpoint:
                 raise CheckpointError(f"{fp}: checksum mismatch")
             try:
                 with safetensors.safe_open(fp, framework="pt") as f:
-                    keys = set(f.keys())
+                    f.keys()
+                header = _read_header(fp)
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
                 raise CheckpointError(f"{fp}: not a valid safetensors file ({e})") from None
             for n, t in self.tensors.items():
                 if t.file != rel:
                     continue
                 for p in t.parts.values():
-                    if p["name"] not in keys:
+                    h = header.get(p["name"])
+                    if h is None:
                         raise CheckpointError(f"{fp}: tensor {p['name']} listed in the manifest is not in the file")
+                    want = {"dtype": _ST_DTYPES[dtype_from_name(p["dtype"])], "shape": list(p["shape"]),
+                            "data_offsets": [p["offset"] - fe["data_start"], p["offset"] - fe["data_start"] + p["nbytes"]]}
+                    got = {k: h.get(k) for k in want}
+                    if got != want:
+                        raise CheckpointError(f"{fp}: tensor {p['name']} is {got} in the file header, manifest says {want}")
                 s = self.stored(n)
                 if isinstance(s, BitmapTensor):
                     from .format import _unpack
@@ -463,6 +502,13 @@ class Checkpoint:
                         raise CheckpointError(f"{fp}: {n}: bitmask has {setbits} set bits but {s.nnz} values")
             if progress is not None:
                 progress(rel)
+
+
+def _read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n))
 
 
 def open_checkpoint(path) -> Checkpoint:

@@ -12,7 +12,10 @@ size can be predicted.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
+import signal
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -160,6 +163,44 @@ def tied_weights(model: nn.Module) -> dict[str, str]:
         else:
             seen[id(p)] = n
     return out
+
+
+def make_checkpoint(arch: str, tmp_path, **kw) -> TinyModel:
+    """`make_tiny_model` then `sparseferry.convert` into `tmp_path/<name>-sf`: TinyModel(checkpoint folder, model)."""
+    from sparseferry.convert import convert
+
+    src, model = make_tiny_model(arch, tmp_path, **kw)
+    dst = src.parent / f"{src.name}-sf"
+    convert(src, dst, progress=False)
+    return TinyModel(dst, model)
+
+
+def leftovers(dst) -> list[str]:
+    """Temporary siblings a checkpoint writer may leave next to `dst` (.DST.partial-*, .DST.old-*)."""
+    dst = Path(dst)
+    return sorted(p.name for p in dst.parent.glob(f".{dst.name}.*"))
+
+
+def assert_nothing_written(dst) -> None:
+    """No `dst` folder and no temporary siblings of it."""
+    assert not Path(dst).exists(), f"{dst} exists after a failed write"
+    assert leftovers(dst) == [], f"leftovers next to {dst}: {leftovers(dst)}"
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Within the block, writing a file past `nbytes` fails with EFBIG, as on a full disk.
+
+    Uses RLIMIT_FSIZE with SIGXFSZ ignored (else the process would be killed); both restored after.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
 
 
 def read_json(path) -> dict:
