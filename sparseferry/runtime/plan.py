@@ -78,20 +78,25 @@ def layer_sizes(ckpt: Checkpoint) -> tuple[list[int], list[int], list[int]]:
 def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslots: int = 2, nreadbufs: int = 2) -> Plan:
     """Fill the budget (bytes) as described in the module docstring; BudgetError if it cannot work.
 
-    When the budget cannot hold `nslots` slots and `nreadbufs` read buffers, a shallower pipeline
-    (down to one of each) is used rather than failing: slower overlap, same results.
+    Residency comes first: the pipeline is as deep as `nslots` slots and `nreadbufs` read buffers
+    allow without making fewer layers resident than the shallowest pipeline (one of each) would.
+    A deeper pipeline overlaps more; a resident layer is not read at all.
     """
     if storage not in ("disk", "host"):
         raise BudgetError(f"storage must be 'disk' or 'host', got {storage!r}")
-    depths = [(nslots, nreadbufs)] + [d for d in ((2, 1), (1, 1)) if d[0] <= nslots and d[1] <= nreadbufs and d != (nslots, nreadbufs)]
-    smallest = _minimum(ckpt, storage, *depths[-1])
-    err = None
-    for k, r in depths:
+    depths = sorted({(min(k, nslots), min(r, nreadbufs)) for k, r in ((1, 1), (2, 1), (2, 2), (nslots, nreadbufs))})
+    smallest = _minimum(ckpt, storage, *depths[0])
+    base = _plan(ckpt, budget, storage, *depths[0])  # raises BudgetError stating the true minimum
+    best = base
+    resident = lambda p: sum(t in RESIDENT for t in p.tiers)  # noqa: E731
+    for k, r in depths[1:]:
         try:
-            return dataclasses.replace(_plan(ckpt, budget, storage, k, r), minimum_bytes=smallest)
-        except BudgetError as e:
-            err = e  # the last one names the smallest pipeline, hence the true minimum
-    raise err
+            p = _plan(ckpt, budget, storage, k, r)
+        except BudgetError:
+            continue
+        if resident(p) >= resident(base):
+            best = p
+    return dataclasses.replace(best, minimum_bytes=smallest)
 
 
 def _minimum(ckpt: Checkpoint, storage: str, nslots: int, nreadbufs: int) -> int:

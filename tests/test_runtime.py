@@ -1,0 +1,265 @@
+"""The runtime's central invariant: a streamed, compressed model computes what transformers computes.
+
+The oracle is transformers itself running the same (pruned) weights densely. For every supported
+architecture and every budget from "everything streamed from disk" to "everything resident", the
+logits match and greedy generation produces the same tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import sparseferry
+from sparseferry.runtime import BudgetError, RuntimeLoadError, parse_budget
+from sparseferry.runtime.plan import make_plan
+from sparseferry.store import CheckpointError, open_checkpoint
+
+from conftest import ARCHS, make_checkpoint
+
+
+def budgets(ckpt_dir) -> dict[str, object]:
+    """Named budgets covering every tier mix for a checkpoint."""
+    ckpt = open_checkpoint(ckpt_dir)
+    minimum = make_plan(ckpt, None).minimum_bytes
+    layer = ckpt.stored_bytes(ckpt.layer_tensors(0))
+    return {
+        "all-dense": None,
+        "all-streamed": minimum,
+        "mixed": minimum + 2 * layer + 4096,  # a couple of layers resident compressed or dense, the rest from disk
+    }
+
+
+def oracle_logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_streamed_logits_equal_dense_transformers(arch, dtype, tmp_path):
+    folder, ref = make_checkpoint(arch, tmp_path, dtype=dtype, layers=4)
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    want = oracle_logits(ref, ids)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
+    for label, budget in budgets(folder).items():
+        for storage in ("disk", "host"):
+            model = sparseferry.load(folder, memory_budget=budget, storage=storage)
+            try:
+                got = oracle_logits(model, ids)
+            finally:
+                model.sparseferry.close()
+            torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{arch} {label} {storage}: {m}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_greedy_generation_matches_transformers_token_for_token(arch, tmp_path):
+    folder, ref = make_checkpoint(arch, tmp_path, dtype=torch.float32, layers=3)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=258)
+    want = ref.generate(ids, **kw)
+    model = sparseferry.load(folder, memory_budget=budgets(folder)["all-streamed"])
+    try:
+        got = model.generate(ids, **kw)
+        summary = model.sparseferry.summary()
+    finally:
+        model.sparseferry.close()
+    assert torch.equal(got, want)
+    assert summary["decode_steps"] == 31 and summary["bytes_read_per_token"] > 0
+
+
+def test_batched_prompts_with_left_padding_match_transformers(tmp_path):
+    folder, ref = make_checkpoint("llama", tmp_path, dtype=torch.float32, layers=3)
+    ids = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[1, :2] = 0
+    ids[mask == 0] = 258
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=258)
+    want = ref.generate(ids, **kw)
+    model = sparseferry.load(folder, memory_budget=budgets(folder)["mixed"])
+    try:
+        torch.testing.assert_close(oracle_logits(model, ids, mask), oracle_logits(ref, ids, mask), atol=1e-5, rtol=1e-5)
+        got = model.generate(ids, **kw)
+    finally:
+        model.sparseferry.close()
+    assert torch.equal(got, want)
+
+
+def test_sampling_is_reproducible_with_a_seed(tmp_path):
+    folder, ref = make_checkpoint("qwen2", tmp_path, dtype=torch.float32, layers=2)
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=10, do_sample=True, top_k=20, temperature=0.9, pad_token_id=258)
+    torch.manual_seed(7)
+    want = ref.generate(ids, **kw)
+    model = sparseferry.load(folder, memory_budget=budgets(folder)["all-streamed"])
+    try:
+        torch.manual_seed(7)
+        got = model.generate(ids, **kw)
+    finally:
+        model.sparseferry.close()
+    assert torch.equal(got, want)
+
+
+def test_dense_checkpoint_streams_like_a_sparse_one(tmp_path):
+    folder, ref = make_checkpoint("llama", tmp_path, dtype=torch.float32, layers=3, sparsity=None)
+    ckpt = open_checkpoint(folder)
+    assert all(t.encoding == "dense" for t in ckpt.tensors.values())
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(5))
+    model = sparseferry.load(folder, memory_budget=budgets(folder)["all-streamed"])
+    try:
+        torch.testing.assert_close(oracle_logits(model, ids), oracle_logits(ref, ids), atol=1e-5, rtol=1e-5)
+    finally:
+        model.sparseferry.close()
+
+
+def test_plan_fills_the_budget_resident_first(tmp_path):
+    folder, _ = make_checkpoint("llama", tmp_path, layers=6)
+    ckpt = open_checkpoint(folder)
+    b = budgets(folder)
+    assert make_plan(ckpt, None).tiers == ("dense",) * 6
+    streamed = make_plan(ckpt, b["all-streamed"])
+    assert streamed.tiers == ("disk",) * 6 and streamed.device_bytes <= b["all-streamed"]
+    mixed = make_plan(ckpt, b["mixed"])
+    assert mixed.device_bytes <= b["mixed"]
+    assert sum(t in ("dense", "compressed") for t in mixed.tiers) >= 2
+    # resident layers come first: the stream is a suffix
+    first_streamed = mixed.tiers.index("disk")
+    assert all(t == "disk" for t in mixed.tiers[first_streamed:])
+
+
+def test_budget_strings_parse():
+    assert parse_budget("4GiB") == 4 * 2**30
+    assert parse_budget("512MB") == 512 * 10**6
+    assert parse_budget("1.5 G") == 1_500_000_000
+    assert parse_budget("30%", total_bytes=1000) == 300
+    assert parse_budget(12345) == 12345
+    assert parse_budget(None) is None
+    for bad in ("lots", "12XB", "-3GB", "0", "150%", ""):
+        with pytest.raises(BudgetError, match="budget"):
+            parse_budget(bad, total_bytes=1000)
+
+
+def test_budget_below_minimum_states_the_minimum(tmp_path):
+    folder, _ = make_checkpoint("llama", tmp_path, layers=2)
+    minimum = make_plan(open_checkpoint(folder), None).minimum_bytes
+    with pytest.raises(BudgetError, match=r"below the minimum") as e:
+        sparseferry.load(folder, memory_budget=minimum - 1)
+    from sparseferry.runtime import format_bytes
+
+    assert format_bytes(minimum) in str(e.value)
+
+
+def test_not_a_checkpoint_suggests_convert(tmp_path):
+    from conftest import make_tiny_model
+
+    folder, _ = make_tiny_model("llama", tmp_path)
+    with pytest.raises(CheckpointError, match="sparseferry convert"):
+        sparseferry.load(folder)
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    folder, _ = make_checkpoint("llama", tmp_path, layers=2)
+    with pytest.raises(RuntimeLoadError, match="CUDA is not available"):
+        sparseferry.load(folder, device="cuda")
+
+
+def test_unknown_architecture_is_a_clear_error(tmp_path):
+    folder, _ = make_checkpoint("llama", tmp_path, layers=2)
+    m = json.loads((folder / "sparseferry.json").read_text())
+    m["config"]["model_type"] = "no-such-model"
+    (folder / "sparseferry.json").write_text(json.dumps(m))
+    with pytest.raises(sparseferry.SparseferryError, match="no-such-model"):
+        sparseferry.load(folder)
+
+
+def test_corrupt_layer_met_while_streaming_stops_with_the_layer_name(tmp_path):
+    folder, _ = make_checkpoint("llama", tmp_path, dtype=torch.float32, layers=3)
+    model = sparseferry.load(folder, memory_budget=budgets(folder)["all-streamed"])
+    try:
+        ids = torch.randint(0, 256, (1, 4))
+        with torch.no_grad():
+            model(ids)  # fine
+        ckpt = open_checkpoint(folder)
+        path, start, end = ckpt.layer_range(1)
+        with open(path, "r+b") as f:  # flip one byte in the middle of layer 1's data
+            f.seek((start + end) // 2)
+            b = f.read(1)
+            f.seek((start + end) // 2)
+            f.write(bytes([b[0] ^ 0xFF]))
+        with pytest.raises(CheckpointError, match=r"layer-00001.*checksum mismatch in layer 1"):
+            with torch.no_grad():
+                model(ids)
+        with pytest.raises(CheckpointError, match="checksum mismatch"):  # and again: never computes on it
+            with torch.no_grad():
+                model(ids)
+    finally:
+        model.sparseferry.close()
+
+
+def test_generate_cli_prints_text_and_summary(tmp_path, capsys):
+    from sparseferry.cli import main
+
+    folder, _ = make_checkpoint("llama", tmp_path, layers=2)
+    b = budgets(folder)["all-streamed"]
+    assert main(["generate", str(folder), "--prompt", "hello", "--max-new-tokens", "5", "--budget", str(b), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["decode_steps"] == 4 and out["plan"]["disk"] == 2 and len(out["texts"]) == 1
+    assert {"prefill_s", "decode_tokens_per_s", "bytes_read_per_token", "io_wait_s", "decompress_s", "compute_s",
+            "peak_rss_bytes"} <= set(out)
+    assert main(["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "3", "--budget", "1KB"]) == 1
+    assert "below the minimum" in capsys.readouterr().err
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    import sparseferry
+    from sparseferry.runtime import parse_budget
+    folder, budget = sys.argv[1], sys.argv[2]
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    torch.set_num_threads(1)
+    # Warm up torch/transformers code paths (one-time allocations) on a throwaway dense run.
+    warm = sparseferry.load(folder, memory_budget=budget)
+    with torch.no_grad():
+        warm.generate(torch.ones(1, 8, dtype=torch.long), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    warm.sparseferry.close(); del warm
+    import gc; gc.collect()
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    before = status("VmRSS:")
+    model = sparseferry.load(folder, memory_budget=budget, storage="disk")
+    with torch.no_grad():
+        model.generate(torch.ones(1, 8, dtype=torch.long), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    peak = status("VmHWM:")
+    total = model.sparseferry.ckpt.stored_bytes()
+    print(json.dumps({"before": before, "peak": peak, "budget": parse_budget(budget, total), "stored": total,
+                      "dense": model.sparseferry.ckpt.dense_bytes(), "plan": model.sparseferry.plan.summary()}))
+""")
+
+# What the process may hold beyond the weight budget: activations and KV cache of this short
+# generation, allocator slack, and per-forward Python objects (documented in README, "Memory").
+ACTIVATION_ALLOWANCE = 16 * 2**20
+
+
+def test_peak_rss_stays_under_budget_plus_allowance(tmp_path):
+    folder, _ = make_checkpoint("llama", tmp_path, hidden=512, layers=16, tokenizer=False)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(folder), "30%"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    grown = r["peak"] - r["before"]
+    assert r["dense"] > 2 * (r["budget"] + ACTIVATION_ALLOWANCE), "model too small for the test to mean anything"
+    assert grown <= r["budget"] + ACTIVATION_ALLOWANCE, (
+        f"RSS grew by {grown / 2**20:.1f} MiB, budget {r['budget'] / 2**20:.1f} MiB + allowance "
+        f"{ACTIVATION_ALLOWANCE / 2**20:.0f} MiB ({r['plan']})")
