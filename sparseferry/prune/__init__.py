@@ -1,0 +1,251 @@
+"""`sparseferry prune`: magnitude, Wanda and SparseGPT pruning, unstructured or N:M, layer by layer.
+
+One calibration loop serves every method (they differ only in what their pruner accumulates and how
+it picks the mask, see magnitude.py / wanda.py / sparsegpt.py):
+
+    capture the inputs of decoder layer 0 for every calibration sample     (calibration.py)
+    for each decoder layer i:
+        read layer i from the source, in fp32                               (source.py)
+        run it on the samples, each linear's pruner accumulating statistics
+        prune every linear of the layer; round to the source dtype; check the sparsity achieved
+        run the pruned layer: its outputs are layer i+1's inputs
+        write layer i (sparseferry checkpoint, or dense HF shards); free it  (output.py)
+
+Memory: one layer plus the calibration activations, estimated beforehand (memory.py) and checked
+against `budget`, so a model larger than RAM can be pruned. Magnitude pruning needs no samples and
+no forward pass at all.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from .calibration import capture_layer_inputs, collect_statistics, linear_modules, run_layer, scoring_weight
+from .magnitude import Magnitude
+from .masks import PruneError, check_sparsity, nm_valid, parse_pattern, sparsity_of
+from .memory import estimate_memory
+from .samples import calibration_samples, looks_like_path
+from .source import open_source
+from .sparsegpt import SparseGPT
+from .wanda import Wanda
+
+METHODS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
+COMPUTE_DTYPE = torch.float32  # calibration forward passes and pruning arithmetic
+
+
+def _config_int(config, *names) -> int | None:
+    get_text = getattr(config, "get_text_config", None)
+    cfg = get_text() if get_text is not None else config
+    for n in names:
+        v = getattr(cfg, n, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def _describe(calibration) -> str | None:
+    if calibration is None:
+        return None
+    if isinstance(calibration, (list, tuple)):
+        return f"{len(calibration)} token-id tensors"
+    return str(Path(calibration).resolve()) if looks_like_path(calibration) else f"text of {len(calibration)} characters"
+
+
+def prune(model_or_dir, dst, *, method: str = "wanda", sparsity: float = 0.5, pattern=None, calibration=None,
+          nsamples: int = 128, seqlen: int = 2048, seed: int = 0, per_row: bool = False, budget=None,
+          save_dense: bool = False, progress: bool = True) -> dict:
+    """Prune the linear weights of every decoder layer and write the result to `dst`.
+
+    Args:
+        model_or_dir: a HuggingFace model folder (read tensor by tensor), or a transformers causal LM in
+            memory (its decoder layers are pruned in place).
+        dst: output folder, must not exist. A sparseferry checkpoint (linear weights bitmap-encoded), or
+            with `save_dense` a HuggingFace folder with the zeros stored densely, loadable by transformers.
+        method: "magnitude" (no calibration needed), "wanda" or "sparsegpt".
+        sparsity: fraction of each linear weight set to zero, in [0, 1). Ignored with a pattern.
+        pattern: "N:M" (e.g. "2:4"): keep N of every M consecutive input weights of each output row;
+            the sparsity is then (M-N)/M.
+        calibration: a text/JSONL file path, a str of text, or a list of token-id tensors.
+        nsamples, seqlen, seed: `nsamples` random windows of `seqlen` tokens of the calibration text.
+        per_row: magnitude and SparseGPT pick the pruned weights within each output row, not the whole
+            matrix (block). Wanda always works per row.
+        budget: bytes or a size string ("8GiB"); the run stops before any work when its estimated peak
+            memory exceeds it, naming the minimum.
+        progress: a progress bar per layer with the ETA.
+    Returns:
+        a report: method, sparsity, pattern, per-tensor achieved sparsity and N:M validity, per-layer
+        seconds and relative output error on the calibration samples, memory estimate, total seconds.
+    Raises:
+        PruneError (bad arguments or calibration data, budget too small), ModelError, CheckpointError:
+        all SparseferryError; `dst` is then not created.
+    """
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise PruneError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
+    pat = parse_pattern(pattern)
+    sparsity = (pat[1] - pat[0]) / pat[1] if pat else check_sparsity(sparsity)
+    pruner_cls = METHODS[method]
+    calibrated = pruner_cls.needs_calibration
+    if calibrated and calibration is None:
+        raise PruneError(f"{method} needs calibration text: pass --calib FILE (plain text, or JSONL with a \"text\" field) "
+                         "or calibration=<path, text or token-id tensors>; only magnitude prunes without it")
+    dst = Path(dst)
+    if dst.exists():
+        raise PruneError(f"{dst}: already exists (choose a new output folder)")
+    from ..runtime.budget import format_bytes, parse_budget
+
+    budget_bytes = parse_budget(budget)
+
+    source = open_source(model_or_dir)
+    info, layers = source.info, source.layers
+    linear_shapes = [{n: tuple(scoring_weight(m).shape) for n, m in linear_modules(layers[i]).items()}
+                     for i in range(info.num_layers)]
+    if pat is not None:
+        for i, lin in enumerate(linear_shapes):
+            for n, (_, cols) in lin.items():
+                if cols % pat[1]:
+                    raise PruneError(f"{info.layers_prefix}.{i}.{n}.weight: {cols} input columns are not divisible by "
+                                     f"M={pat[1]} of the {pat[0]}:{pat[1]} pattern")
+    if not any(linear_shapes):
+        raise PruneError(f"{source.name}: no linear layers inside the decoder layers ({info.layers_prefix}) to prune")
+
+    non_layer = [n for n in source.stored_names if info.layer_of(n) is None]
+    params = dict(source.model.named_parameters(remove_duplicate=False))
+    est = estimate_memory(
+        layer_shapes=[{n: tuple(p.shape) for n, p in layers[i].named_parameters()} for i in range(info.num_layers)],
+        linear_shapes=linear_shapes,
+        non_layer_compute=sum(params[n].numel() for n in non_layer if n not in info.top_linear_weights) if calibrated else 0,
+        non_layer_stored=sum(params[n].numel() for n in non_layer) * source.itemsize,
+        source_itemsize=source.itemsize, method=method, nsamples=nsamples, seqlen=seqlen,
+        hidden=_config_int(source.config, "hidden_size", "n_embd", "d_model") or 0,
+        heads=_config_int(source.config, "num_attention_heads", "n_head") or 1, calibrated=calibrated)
+    if budget_bytes is not None and est.total > budget_bytes:
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in est.as_dict().items() if k != "total")
+        hint = "; lower --nsamples or --seqlen" if calibrated else ""
+        raise PruneError(f"budget {format_bytes(budget_bytes)} is too small: pruning {source.name} with {method} needs at least "
+                         f"{format_bytes(est.total)} ({parts}){hint}")
+
+    samples = None
+    if calibrated:
+        samples = calibration_samples(calibration, source.tokenizer(), nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+    meta = {"method": method, "sparsity": sparsity, "pattern": f"{pat[0]}:{pat[1]}" if pat else None,
+            "per_row": bool(per_row), "calibration": _describe(calibration) if calibrated else None,
+            "nsamples": len(samples) if samples else 0, "seqlen": int(samples[0].shape[1]) if samples else 0, "seed": seed}
+    from .output import DenseSink, SparseferrySink
+
+    report = {**meta, "source": source.name, "dst": str(dst), "format": "hf-dense" if save_dense else "sparseferry",
+              "memory_estimate": est.as_dict(), "budget": budget_bytes, "tensors": [], "layers": []}
+    with torch.no_grad(), (DenseSink if save_dense else SparseferrySink)(dst, source, meta) as sink:
+        sink.write(None, {n: source.tensor(n) for n in non_layer})
+        inputs = outs = None
+        if calibrated:
+            source.materialize_non_layer(COMPUTE_DTYPE)
+            inputs = capture_layer_inputs(source.model, layers, samples, COMPUTE_DTYPE)
+            outs = torch.empty_like(inputs.hidden)  # [nsamples, seqlen, hidden]
+        from tqdm import tqdm
+
+        for i in tqdm(range(info.num_layers), desc=f"prune {method}", unit="layer", disable=not progress):
+            t1 = time.perf_counter()
+            entry = _prune_layer(source, i, pruner_cls, sparsity, pat, per_row, inputs, outs, sink, report["tensors"])
+            if calibrated:
+                inputs.hidden, outs = outs, inputs.hidden
+            report["layers"].append({"layer": i, "seconds": time.perf_counter() - t1, **entry})
+        sink.commit()
+    pruned = report["tensors"]
+    total = sum(t["numel"] for t in pruned)
+    report["overall_sparsity"] = sum(t["sparsity"] * t["numel"] for t in pruned) / total if total else 0.0
+    report["nm_valid"] = all(t["nm_valid"] for t in pruned) if pat else None
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _prune_layer(source, i: int, pruner_cls, sparsity: float, pat, per_row: bool, inputs, outs, sink, tensor_report: list) -> dict:
+    """Prune decoder layer i and write it; with calibration, leave the pruned layer's outputs in `outs`
+    (which holds the dense outputs meanwhile). Returns the layer's entry for the report."""
+    info = source.info
+    prefix = f"{info.layers_prefix}.{i}."
+    names = [n for n in info.layer_params(i) if n not in source.tied]
+    orig = {n: source.tensor(n) for n in names}  # source dtype and layout
+    layer = source.load_layer(i, COMPUTE_DTYPE)
+    mods = linear_modules(layer)
+    pruners = {name: pruner_cls(scoring_weight(mod).shape[1]) for name, mod in mods.items()}
+    if inputs is not None:
+        collect_statistics(layer, pruners, inputs, outs)  # outs: the dense layer's outputs
+    written = dict(orig)
+    for name, mod in mods.items():
+        full = f"{prefix}{name}.weight"
+        pruner = pruners.pop(name)
+        w = scoring_weight(mod)  # [out, in], fp32 view of the layer's weight
+        new = pruner.prune(w, sparsity, pat, per_row).to(orig[full].dtype)  # rounded to the source dtype
+        expected = pruner.expected_pruned(tuple(w.shape), sparsity, pat, per_row)
+        del pruner  # frees its statistics (a SparseGPT Hessian is [cols, cols])
+        tensor_report.append(check_pruned(full, new, expected, pat))
+        w.copy_(new)  # the layer now computes with the pruned, rounded weights
+        written[full] = new if isinstance(mod, torch.nn.Linear) else new.T.contiguous()
+    entry = {"rel_error": None, "output_mean_sq": None}
+    if inputs is not None:
+        acc = {"err": 0.0, "ref": 0.0, "out": 0.0}
+
+        def compare(j, y):
+            ref = outs[j : j + 1]
+            acc["err"] += float((y - ref).double().square().sum())
+            acc["ref"] += float(ref.double().square().sum())
+            acc["out"] += float(y.double().square().sum())
+
+        run_layer(layer, inputs, outs, on_output=compare)
+        entry = {"rel_error": (acc["err"] / acc["ref"]) ** 0.5 if acc["ref"] else 0.0,
+                 "output_mean_sq": acc["out"] / outs.numel()}
+    sink.write(i, written)
+    source.release_layer(i)
+    return entry
+
+
+def check_pruned(name: str, w: torch.Tensor, expected: int, pat) -> dict:
+    """The report entry of a pruned weight w [out, in]; raises PruneError if it has fewer than `expected`
+    zeros or breaks the N:M pattern (a bug, never a property of the model)."""
+    zeros = w.numel() - int(torch.count_nonzero(w))
+    valid = nm_valid(w, *pat) if pat else None
+    if zeros < expected or valid is False:
+        what = f"{zeros} zeros, expected at least {expected}" if zeros < expected else f"not {pat[0]}:{pat[1]}"
+        raise PruneError(f"{name}: pruning produced {what}")
+    return {"name": name, "shape": list(w.shape), "numel": w.numel(), "sparsity": zeros / w.numel(),
+            "target": expected / w.numel(), "nm_valid": valid}
+
+
+def render_report(report: dict) -> str:
+    """The report as a table: one row per pruned tensor, one per layer, then the totals."""
+    lines = [f"{'tensor':<48} {'shape':>13} {'sparsity':>9} {'target':>8} {'N:M':>5}"]
+    for t in report["tensors"]:
+        nm = "-" if t["nm_valid"] is None else ("ok" if t["nm_valid"] else "BAD")
+        shape = "x".join(str(s) for s in t["shape"])
+        lines.append(f"{t['name']:<48} {shape:>13} {t['sparsity']:>9.4f} {t['target']:>8.4f} {nm:>5}")
+    lines.append("")
+    lines.append(f"{'layer':>5} {'seconds':>8} {'rel. output error':>17}")
+    for e in report["layers"]:
+        err = "-" if e["rel_error"] is None else f"{e['rel_error']:.4f}"
+        lines.append(f"{e['layer']:>5} {e['seconds']:>8.2f} {err:>17}")
+    pattern = f", pattern {report['pattern']}" if report["pattern"] else ""
+    nm = "" if report["nm_valid"] is None else f", N:M {'valid' if report['nm_valid'] else 'INVALID'}"
+    lines.append("")
+    lines.append(f"{report['method']} to {report['sparsity']:.2%}{pattern}: {len(report['tensors'])} tensors, overall sparsity "
+                 f"{report['overall_sparsity']:.4f}{nm}; wrote {report['dst']} ({report['format']}) in {report['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+__all__ = ["METHODS", "PruneError", "check_pruned", "prune", "render_report"]
+
+
+class _CallableModule(types.ModuleType):
+    """`sparseferry.prune` is both this package and the function: importing the package replaces the
+    lazy function of the same name on `sparseferry`, so the package itself forwards calls to `prune`."""
+
+    def __call__(self, *args, **kwargs):
+        return prune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
