@@ -1,0 +1,85 @@
+/* sparseferry._native: the CPython entry points of the kernels (plain C API, no numpy/pybind11).
+ *
+ * Tensors arrive as raw addresses (tensor.data_ptr()) plus sizes; sparseferry/kernels/native.py
+ * checks dtypes, shapes, contiguity and device before calling, and keeps the tensors alive.
+ * Every kernel releases the GIL while it runs, so a background thread can decompress the next
+ * layer while the main thread computes.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "sf_kernels.h"
+
+static int g_paths = 0;
+
+static PyObject *py_supported_paths(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyLong_FromLong(g_paths);
+}
+
+static int check_path(int path) {
+    if (path < 0 || path > SF_PATH_AVX512 || !(g_paths & (1 << path))) {
+        PyErr_Format(PyExc_ValueError, "kernel path %d is not supported on this CPU", path);
+        return 0;
+    }
+    return 1;
+}
+
+/* decompress(path, elem_size, rows, cols, values, nnz, bitmask, row_offsets, out, threads) -> bad_row */
+static PyObject *py_decompress(PyObject *self, PyObject *args) {
+    (void)self;
+    int path, elem_size, threads;
+    long long rows, cols, nnz;
+    unsigned long long values, bitmask, row_offsets, out;
+    if (!PyArg_ParseTuple(args, "iiLLKLKKKi", &path, &elem_size, &rows, &cols, &values, &nnz, &bitmask,
+                          &row_offsets, &out, &threads))
+        return NULL;
+    if (!check_path(path)) return NULL;
+    if (elem_size != 2 && elem_size != 4) return PyErr_Format(PyExc_ValueError, "elem_size %d not 2 or 4", elem_size);
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = sf_decompress(path, elem_size, rows, cols, (const void *)(uintptr_t)values, nnz,
+                        (const uint8_t *)(uintptr_t)bitmask, (const int64_t *)(uintptr_t)row_offsets,
+                        (void *)(uintptr_t)out, threads < 1 ? 1 : threads);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(bad);
+}
+
+/* matvec(path, dtype, rows, cols, values, nnz, bitmask, row_offsets, x, x_dtype, batch, y, threads) -> bad_row */
+static PyObject *py_matvec(PyObject *self, PyObject *args) {
+    (void)self;
+    int path, dtype, x_dtype, threads;
+    long long rows, cols, nnz, batch;
+    unsigned long long values, bitmask, row_offsets, x, y;
+    if (!PyArg_ParseTuple(args, "iiLLKLKKKiLKi", &path, &dtype, &rows, &cols, &values, &nnz, &bitmask, &row_offsets,
+                          &x, &x_dtype, &batch, &y, &threads))
+        return NULL;
+    if (!check_path(path)) return NULL;
+    if (dtype < SF_F32 || dtype > SF_F16) return PyErr_Format(PyExc_ValueError, "dtype code %d unknown", dtype);
+    if (x_dtype != SF_F32 && x_dtype != SF_BF16) return PyErr_Format(PyExc_ValueError, "x dtype code %d", x_dtype);
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = sf_matvec(path, dtype, rows, cols, (const void *)(uintptr_t)values, nnz, (const uint8_t *)(uintptr_t)bitmask,
+                    (const int64_t *)(uintptr_t)row_offsets, (const void *)(uintptr_t)x, x_dtype, batch,
+                    (float *)(uintptr_t)y, threads < 1 ? 1 : threads);
+    Py_END_ALLOW_THREADS
+    if (bad == -2) return PyErr_NoMemory();
+    return PyLong_FromLongLong(bad);
+}
+
+static PyMethodDef methods[] = {
+    {"supported_paths", py_supported_paths, METH_NOARGS, "Bit set of runnable paths: 1<<0 c, 1<<1 avx2, 1<<2 avx512."},
+    {"decompress", py_decompress, METH_VARARGS, "Bitmap -> dense; returns -1 or the index of an inconsistent row."},
+    {"matvec", py_matvec, METH_VARARGS, "y = x @ W.T from the bitmap; returns -1 or an inconsistent row."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "sparseferry native kernels", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    g_paths = sf_supported_paths();
+    sf_init_tables();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,58 @@
+/* Native kernels for the bitmap sparse format (docs/FORMAT.md, section 1).
+ *
+ * One matrix W[rows, cols] is given as
+ *   values:      [nnz] packed non-zeros, row-major, element size 2 (bf16/fp16) or 4 (fp32)
+ *   bitmask:     [rows, ceil(cols/8)] uint8, bit j%8 of byte j/8 of row r = (W[r, j] != 0)
+ *   row_offsets: [rows] int64, index in values of the first value of row r
+ * Pointers need only the alignment of their element type, or none at all: every load is unaligned.
+ *
+ * Each kernel checks, per row, that row_offsets is consistent with the bitmask before reading any
+ * value (row_offsets[0] == 0, each row's set-bit count == its span in values, the last row ends at
+ * nnz), so a corrupt matrix never reads outside `values`. A bad row is left zero (decompress) or
+ * gives 0 (matvec), and the kernel returns its index; -1 means all rows were consistent.
+ * Bits of the last byte of a row past `cols` are ignored, as the reference decode does.
+ */
+#ifndef SF_KERNELS_H
+#define SF_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Code paths; the numbers are the ones the Python wrapper passes. */
+enum sf_path { SF_PATH_C = 0, SF_PATH_AVX2 = 1, SF_PATH_AVX512 = 2 };
+/* Value dtypes for the matvec (decompression only needs the element size). */
+enum sf_dtype { SF_F32 = 0, SF_BF16 = 1, SF_F16 = 2 };
+
+/* Which paths this CPU can run: bit (1 << path) set when supported. SF_PATH_C is always set. */
+int sf_supported_paths(void);
+
+/* Build the shuffle tables of the AVX2 path (idempotent, called once at module import). */
+void sf_init_tables(void);
+
+/* out[rows, cols] (dense, row-major, element size elem_size) = decode of the matrix. */
+int64_t sf_decompress(int path, int elem_size, int64_t rows, int64_t cols, const void *values, int64_t nnz,
+                      const uint8_t *bitmask, const int64_t *row_offsets, void *out, int threads);
+
+/* y[batch, rows] (fp32) = x[batch, cols] (row-major, x_dtype SF_F32 or SF_BF16) @ W.T, accumulated
+ * in fp32. Returns -1, the index of an inconsistent row, or -2 if out of memory (x's scratch copy). */
+int64_t sf_matvec(int path, int dtype, int64_t rows, int64_t cols, const void *values, int64_t nnz,
+                  const uint8_t *bitmask, const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch,
+                  float *y, int threads);
+
+/* ---- shared by decompress.c and matvec.c ---- */
+
+/* Values [start, end) of row r, after checking consistency (see above); returns 0 if bad. */
+int sf_row_span(int64_t r, int64_t rows, int64_t cols, int64_t nnz, const uint8_t *mask_row,
+                const int64_t *row_offsets, int64_t *start);
+
+/* Decode `cols` columns (a multiple of 8 unless it is the end of the row) of one row from `src`
+ * into `out`; `src_end` bounds every read of values (the vector paths over-read up to 32 bytes
+ * when it is safe). Returns the number of values consumed. */
+typedef size_t (*sf_row_decoder)(const void *src, const void *src_end, const uint8_t *mask, int64_t cols,
+                                 void *out);
+sf_row_decoder sf_pick_row_decoder(int path, int elem_size);
+
+/* Threads worth using for `bytes` of output over `rows` rows (>= 1, <= threads). */
+int sf_threads_for(int threads, int64_t rows, int64_t bytes);
+
+#endif

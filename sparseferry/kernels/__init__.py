@@ -1,0 +1,142 @@
+"""Fast kernels for the bitmap format, with one public API that dispatches by device.
+
+    decompress(bt, out=None, *, threads=None) -> dense [rows, cols]
+    sparse_matmul(x, bt, bias=None, *, threads=None) -> x @ W.T (+ bias)
+    kernel_path(device="cpu") -> "avx512" | "avx2" | "c" | "torch" | "triton"
+    MATVEC_MAX_BATCH: largest number of rows of x for which sparse_matmul uses the fused kernel
+
+CPU: the native extension (csrc/), picking the best path this CPU runs (AVX-512 VBMI2, AVX2, C);
+`SPARSEFERRY_KERNEL=avx512|avx2|c|torch` forces one (read at every call). If the extension is
+missing, the pure-torch reference (`sparseferry.format.decode`) is used, with a one-time notice.
+CUDA: Triton (`triton_kernels.py`), or the torch reference if triton is not installed.
+Every path is bit-exact to `format.decode` (decompress); the fused matmul accumulates in fp32.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+from ..format import VALUE_DTYPES, BitmapTensor, decode
+from . import native
+from .native import KernelError
+
+__all__ = ["MATVEC_MAX_BATCH", "KernelError", "decompress", "kernel_path", "sparse_matmul"]
+
+ENV_VAR = "SPARSEFERRY_KERNEL"
+CPU_PATHS = ("avx512", "avx2", "c", "torch")
+
+# Up to this many rows of x, the fused kernel beats decompress + torch matmul on CPU.
+# Measured by `python benchmarks/kernels.py --crossover` (11008x4096 and 4096x4096 bf16, 50% sparse,
+# 1 and 2 threads, AVX-512 path): see that script's docstring for the numbers.
+MATVEC_MAX_BATCH = 8
+
+_log = logging.getLogger(__name__)
+_noticed: set[str] = set()
+
+
+def _notice_once(key: str, msg: str) -> None:
+    if key not in _noticed:
+        _noticed.add(key)
+        _log.warning(msg)
+
+
+def _triton_or_none():
+    try:
+        from . import triton_kernels
+    except ImportError as e:
+        _notice_once("triton", f"sparseferry: triton is not available ({e}); decompressing on the GPU with the torch reference")
+        return None
+    return triton_kernels
+
+
+def kernel_path(device="cpu") -> str:
+    """The path `decompress` takes for tensors on `device` right now.
+
+    CPU: SPARSEFERRY_KERNEL if set (KernelError if it names an unknown path or one this CPU or
+    build lacks), else the fastest native path, else "torch". CUDA: "triton" unless
+    SPARSEFERRY_KERNEL=torch or triton is missing. Other devices: "torch".
+    """
+    dev = torch.device(device)
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced and forced not in CPU_PATHS:
+        raise KernelError(f"{ENV_VAR}={forced!r}: expected one of {', '.join(CPU_PATHS)}")
+    if dev.type == "cuda":
+        return "torch" if forced == "torch" or _triton_or_none() is None else "triton"
+    if dev.type != "cpu" or forced == "torch":
+        return "torch"
+    paths = native.available_paths()
+    if forced:
+        if forced not in paths:
+            why = native.LOAD_ERROR or "this CPU lacks the instructions it needs"
+            raise KernelError(f"{ENV_VAR}={forced}: that path cannot run here ({why}); available: {paths + ['torch']}")
+        return forced
+    if not paths:
+        _notice_once("native", f"sparseferry: native kernels not available ({native.LOAD_ERROR}); using the torch reference")
+        return "torch"
+    return paths[0]
+
+
+def _threads(threads: int | None) -> int:
+    if threads is None:
+        return torch.get_num_threads()
+    if threads < 1:
+        raise KernelError(f"threads={threads}: expected a positive number of threads")
+    return int(threads)
+
+
+def decompress(bt: BitmapTensor, out: torch.Tensor | None = None, *, threads: int | None = None) -> torch.Tensor:
+    """Dense [rows, cols] of bt on bt's device, bit-exact to `format.decode(bt)`.
+
+    out: optional preallocated contiguous [rows, cols] tensor of bt's dtype and device; it is
+        filled and returned, nothing is allocated (reuse it to avoid page faults on every call).
+    threads: CPU threads (default torch.get_num_threads()); the GIL is released while the kernel
+        runs, so this can run in a background thread.
+    Raises KernelError for a wrong `out`, FormatError if bt's row_offsets disagree with its bitmask
+    (native path; the Triton path trusts them).
+    """
+    rows, cols = bt.shape
+    if out is None:
+        out = torch.empty(rows, cols, dtype=bt.dtype, device=bt.device)
+    elif tuple(out.shape) != (rows, cols) or out.dtype != bt.dtype or out.device != bt.device or not out.is_contiguous():
+        raise KernelError(
+            f"decompress: out is {out.dtype} {list(out.shape)} on {out.device}"
+            f"{'' if out.is_contiguous() else ' (not contiguous)'}, expected contiguous {bt.dtype} {[rows, cols]} on {bt.device}"
+        )
+    path = kernel_path(bt.device)
+    if path == "torch":
+        return decode(bt, out=out)
+    if path == "triton":
+        return _triton_or_none().decompress(bt, out)
+    return native.decompress(bt, out, path=path, threads=_threads(threads))
+
+
+def sparse_matmul(x: torch.Tensor, bt: BitmapTensor, bias: torch.Tensor | None = None, *,
+                  threads: int | None = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) for W = the matrix of bt [rows, cols]; x [..., cols] -> y [..., rows] in x's dtype.
+
+    On CPU with a native path and at most MATVEC_MAX_BATCH rows of x: the fused kernel, reading W
+    in its compressed form (fp32 accumulation, one rounding to x's dtype at the end). Otherwise
+    decompress + torch.nn.functional.linear (W cast to x's dtype if they differ).
+    """
+    rows, cols = bt.shape
+    if x.shape[-1:] != (cols,) or x.dtype not in VALUE_DTYPES or x.device != bt.device:
+        raise KernelError(
+            f"sparse_matmul: x is {x.dtype} {list(x.shape)} on {x.device}, expected [..., {cols}] bf16/fp16/fp32 on {bt.device}"
+        )
+    if bias is not None and (tuple(bias.shape) != (rows,) or bias.device != bt.device):
+        raise KernelError(f"sparse_matmul: bias is {list(bias.shape)} on {bias.device}, expected [{rows}] on {bt.device}")
+    lead = x.shape[:-1]
+    batch = math.prod(lead)
+    path = kernel_path(x.device)
+    if path in native.PATHS and 0 < batch <= MATVEC_MAX_BATCH:
+        y = native.matvec(x.reshape(batch, cols), bt, path=path, threads=_threads(threads))  # fp32 [batch, rows]
+        if bias is not None:
+            y += bias.float()
+        return y.to(x.dtype).reshape(*lead, rows)
+    w = decompress(bt, threads=threads)
+    if w.dtype != x.dtype:
+        w = w.to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

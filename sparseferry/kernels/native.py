@@ -1,0 +1,97 @@
+"""Loader and checked wrappers of the native CPU kernels (the `sparseferry._native` extension, csrc/).
+
+The extension takes raw addresses and sizes; everything that could make it read or write out of
+bounds is checked here first (dtypes, shapes, contiguity, device), and the kernels themselves check
+each row's `row_offsets` span against its bitmask before reading values. Inputs may be views into
+a larger buffer at any offset that respects their element size.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import SparseferryError
+from ..format import VALUE_DTYPES, BitmapTensor, FormatError
+
+try:
+    from .. import _native
+except ImportError as e:  # not built (no compiler at install time) or not loadable here
+    _native = None
+    LOAD_ERROR: str | None = f"{type(e).__name__}: {e}"
+else:
+    LOAD_ERROR = None
+
+PATHS = {"c": 0, "avx2": 1, "avx512": 2}  # path name -> code passed to the extension
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+class KernelError(SparseferryError):
+    """A kernel was given inputs it cannot run on, or asked for a path this machine lacks."""
+
+
+def available_paths() -> list[str]:
+    """Native paths this CPU can run, fastest first ([] if the extension is not loaded)."""
+    if _native is None:
+        return []
+    bits = _native.supported_paths()
+    return [p for p in ("avx512", "avx2", "c") if bits & (1 << PATHS[p])]
+
+
+def _check_part(t: torch.Tensor, name: str, dtype, shape: tuple[int, ...]) -> None:
+    if t.device.type != "cpu":
+        raise KernelError(f"bitmap part {name}: on {t.device}, the native kernels need CPU tensors")
+    if dtype is not None and t.dtype != dtype:
+        raise KernelError(f"bitmap part {name}: dtype {t.dtype}, expected {dtype}")
+    if tuple(t.shape) != shape:
+        raise KernelError(f"bitmap part {name}: shape {list(t.shape)}, expected {list(shape)}")
+    if not t.is_contiguous():
+        raise KernelError(f"bitmap part {name}: not contiguous (strides {t.stride()})")
+
+
+def check_bitmap(bt: BitmapTensor) -> None:
+    """Raise KernelError unless bt's parts are CPU, contiguous, of the dtypes and shapes of FORMAT.md."""
+    rows, cols = bt.shape
+    if bt.values.dtype not in VALUE_DTYPES:
+        raise KernelError(f"bitmap values: dtype {bt.values.dtype}, expected one of bf16, fp16, fp32")
+    _check_part(bt.values, "compressed", None, (bt.values.numel(),))
+    _check_part(bt.bitmask, "bitmask", torch.uint8, (rows, (cols + 7) // 8))
+    _check_part(bt.row_offsets, "row_offsets", torch.int64, (rows,))
+
+
+def _raise_bad_row(bt: BitmapTensor, row: int) -> None:
+    rows, cols = bt.shape
+    raise FormatError(
+        f"bitmap matrix [{rows}, {cols}] (nnz {bt.nnz}): row {row} is inconsistent: its row_offsets span "
+        f"does not match its set bits (or row_offsets[0] != 0, or the last row does not end at nnz)"
+    )
+
+
+def decompress(bt: BitmapTensor, out: torch.Tensor, *, path: str, threads: int) -> torch.Tensor:
+    """Fill `out` ([rows, cols], bt's dtype, CPU, contiguous: checked by the caller) with the decode of bt."""
+    check_bitmap(bt)
+    rows, cols = bt.shape
+    if rows and cols:
+        bad = _native.decompress(
+            PATHS[path], bt.values.element_size(), rows, cols, bt.values.data_ptr(), bt.nnz,
+            bt.bitmask.data_ptr(), bt.row_offsets.data_ptr(), out.data_ptr(), threads,
+        )
+        if bad >= 0:
+            _raise_bad_row(bt, bad)
+    return out
+
+
+def matvec(x: torch.Tensor, bt: BitmapTensor, *, path: str, threads: int) -> torch.Tensor:
+    """y = x @ W.T for x [batch, cols] (any float dtype, CPU): fp32 [batch, rows], accumulated in fp32."""
+    check_bitmap(bt)
+    rows, cols = bt.shape
+    # [batch, cols] contiguous, bf16 or fp32: bf16 x meets bf16 W in one dot instruction (AVX512_BF16)
+    x = (x if x.dtype == torch.bfloat16 else x.to(torch.float32)).contiguous()
+    batch = x.shape[0]
+    y = torch.empty(batch, rows, dtype=torch.float32)
+    if batch and rows:
+        bad = _native.matvec(
+            PATHS[path], _DTYPE_CODES[bt.dtype], rows, cols, bt.values.data_ptr(), bt.nnz, bt.bitmask.data_ptr(),
+            bt.row_offsets.data_ptr(), x.data_ptr(), _DTYPE_CODES[x.dtype], batch, y.data_ptr(), threads,
+        )
+        if bad >= 0:
+            _raise_bad_row(bt, bad)
+    return y

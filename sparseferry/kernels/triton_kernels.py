@@ -1,0 +1,54 @@
+"""Triton decompression for CUDA tensors: one program per (row, column block of BLOCK_COLS).
+
+Each program needs no scan over the rest of the row: `block_offsets[r, b]` (docs/FORMAT.md) gives
+where its block's values start. Inside the block it unpacks the mask bits, turns them into value
+indices with an exclusive prefix sum (tl.cumsum) and gathers. Values are moved as 16/32-bit
+integers, so NaN payloads and every other bit pattern are copied exactly.
+
+Importing this module imports triton; `sparseferry.kernels` does so only for CUDA tensors. With
+TRITON_INTERPRET=1 set before triton is first imported, the same kernel runs on CPU tensors in
+Triton's interpreter (that is how the tests check it on machines without a GPU).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..format import BLOCK_COLS, BitmapTensor
+
+_AS_INT = {2: torch.int16, 4: torch.int32}  # element size -> integer dtype of the same width
+
+
+@triton.jit
+def _decompress_block(values, bitmask, row_offsets, block_offsets, out, cols, mask_stride, nblocks,
+                      BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)  # int64: rows * cols may exceed 2**31
+    b = tl.program_id(1)
+    c = b * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] column indices of this block
+    inside = c < cols
+    byte = tl.load(bitmask + r * mask_stride + c // 8, mask=inside, other=0).to(tl.int32)
+    bit = (byte >> (c % 8)) & 1  # [BLOCK] 1 where W[r, c] != 0
+    idx = tl.cumsum(bit, axis=0) - bit  # exclusive prefix sum: index of each set bit's value in the block
+    base = tl.load(row_offsets + r) + tl.load(block_offsets + r * nblocks + b).to(tl.int64)
+    v = tl.load(values + base + idx, mask=inside & (bit != 0), other=0)
+    tl.store(out + r * cols + c, v, mask=inside)
+
+
+def decompress(bt: BitmapTensor, out: torch.Tensor) -> torch.Tensor:
+    """Fill `out` ([rows, cols], bt's dtype and device, contiguous: checked by the caller) with the decode of bt.
+
+    Trusts bt's offsets (a CUDA kernel cannot cheaply validate them per row); checkpoints are
+    digest-checked when streamed, and `sparseferry verify` checks nnz against the bitmask.
+    """
+    rows, cols = bt.shape
+    nblocks = (cols + BLOCK_COLS - 1) // BLOCK_COLS
+    if rows == 0 or cols == 0:
+        return out
+    as_int = _AS_INT[bt.values.element_size()]
+    grid = (rows, nblocks)
+    _decompress_block[grid](
+        bt.values.contiguous().view(as_int), bt.bitmask.contiguous(), bt.row_offsets.contiguous(),
+        bt.block_offsets.contiguous(), out.view(as_int), cols, (cols + 7) // 8, nblocks, BLOCK=BLOCK_COLS,
+    )
+    return out
