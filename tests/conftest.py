@@ -84,8 +84,13 @@ def magnitude_prune_(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Zero exactly round(sparsity * numel) entries of `w`, those of smallest magnitude; in place."""
     k = round(sparsity * w.numel())
     if k:
-        idx = torch.argsort(w.detach().abs().float().reshape(-1), stable=True)[:k]
-        w.view(-1)[idx] = 0
+        flat = w.view(-1)
+        a = flat.detach().abs().float()
+        t = a.kthvalue(k).values  # the k-th smallest magnitude; low-precision weights have many ties at it
+        below = a < t
+        at_t = (a == t).nonzero().squeeze(1)[: k - int(below.sum())]  # break ties by position
+        flat[below] = 0
+        flat[at_t] = 0
     return w
 
 
