@@ -17,6 +17,13 @@ def convert(*args, **kwargs):
     return _convert(*args, **kwargs)
 
 
+def prune(*args, **kwargs):
+    """See sparseferry.prune.prune."""
+    from .prune import prune as _prune
+
+    return _prune(*args, **kwargs)
+
+
 def load(*args, **kwargs):
     """See sparseferry.runtime.engine.load."""
     from .runtime import load as _load
@@ -31,4 +38,4 @@ def load_tokenizer(*args, **kwargs):
     return _load_tokenizer(*args, **kwargs)
 
 
-__all__ = ["load", "load_tokenizer", "BitmapTensor", "SparseferryError", "convert", "decode", "encode", "open_checkpoint", "__version__"]
+__all__ = ["load", "prune", "load_tokenizer", "BitmapTensor", "SparseferryError", "convert", "decode", "encode", "open_checkpoint", "__version__"]

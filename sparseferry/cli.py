@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import SparseferryError
 
@@ -58,6 +59,46 @@ def _cmd_generate(a) -> int:
     return 0
 
 
+def _cmd_prune(a) -> int:
+    from .prune import prune, render_report
+
+    rep = prune(a.src, a.dst, method=a.method, sparsity=a.sparsity, pattern=a.pattern,
+                calibration=Path(a.calib) if a.calib else None,
+                nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, per_row=a.per_row, budget=a.budget,
+                save_dense=a.save_dense, progress=not a.quiet)
+    print(json.dumps(rep, indent=1) if a.json else render_report(rep))
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    from .evaluate import perplexity
+
+    res = perplexity(a.dir, Path(a.text), seqlen=a.seqlen, stride=a.stride, max_windows=a.max_windows,
+                     budget=a.budget, progress=not a.quiet)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(f"{a.dir}: perplexity {res['ppl']:.4f} (mean NLL {res['nll']:.4f} nats over {res['tokens']} tokens, "
+              f"{res['windows']} windows of {a.seqlen} tokens, stride {a.stride})")
+    return 0
+
+
+def _cmd_fetch_demo(a) -> int:
+    from .demo import ensure_demo_model
+
+    print(ensure_demo_model(a.dir, progress=not a.quiet))
+    return 0
+
+
+def _cmd_demo(a) -> int:
+    from .demo import demo_config, run_demo
+
+    config = demo_config(quick=a.quick, method=a.method, sparsity=a.sparsity, text=a.text, budget=a.budget,
+                         prompt=a.prompt, max_new_tokens=a.max_new_tokens)
+    run_demo(config, model_dir=a.model_dir, workdir=a.workdir, progress=not a.quiet)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparseferry", description="Run LLMs larger than memory from bitmap-compressed sparse weights.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -92,6 +133,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=_cmd_generate)
+
+
+    p = sub.add_parser("prune", help="prune a HuggingFace model (magnitude, Wanda, SparseGPT) into a sparseferry checkpoint")
+    p.add_argument("src", help="HuggingFace model folder")
+    p.add_argument("dst", help="output folder (must not exist)")
+    p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="wanda", help="default wanda")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each linear weight set to zero (default 0.5)")
+    p.add_argument("--pattern", default=None, metavar="N:M", help="semi-structured: keep N of every M weights, e.g. 2:4 (overrides --sparsity)")
+    p.add_argument("--calib", default=None, metavar="FILE", help="calibration text: plain text, or JSONL with a \"text\" field (needed by wanda, sparsegpt)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+    p.add_argument("--per-row", action="store_true", help="magnitude/sparsegpt: prune the same fraction of every output row")
+    p.add_argument("--budget", default=None, help="memory budget, e.g. '8GiB': refuse to start if the estimate exceeds it")
+    p.add_argument("--save-dense", action="store_true", help="write a HuggingFace folder with the zeros stored densely instead")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity of a HuggingFace folder or sparseferry checkpoint on a text file")
+    p.add_argument("dir", help="HuggingFace model folder (dense or pruned) or sparseferry checkpoint")
+    p.add_argument("--text", required=True, metavar="FILE", help="evaluation text: plain text, or JSONL with a \"text\" field")
+    p.add_argument("--seqlen", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument("--stride", type=int, default=512, help="new tokens scored per window after the first (default 512)")
+    p.add_argument("--max-windows", type=int, default=None, help="stop after this many windows")
+    p.add_argument("--budget", default=None, help="memory budget of a sparseferry checkpoint's weights, e.g. '2GiB'")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("fetch-demo", help="export the demo model (SmolLM2-135M-Instruct) once into the cache; print its folder")
+    p.add_argument("dir", nargs="?", default=None,
+                   help="target folder (default $SPARSEFERRY_CACHE or ~/.cache/sparseferry, then /smollm2-135m-instruct)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_fetch_demo)
+
+    p = sub.add_parser("demo", help="the whole story on a real model: export, prune, convert, generate under a budget, perplexity")
+    p.add_argument("--quick", action="store_true", help="a smoke run: tiny calibration and evaluation, 8 new tokens")
+    p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default=None, help="pruning method (default wanda)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of each linear weight set to zero (default 0.5)")
+    p.add_argument("--text", default=None, help="text source: 'stdlib' (default), 'web' (World English Bible, if installed) or a text file")
+    p.add_argument("--budget", default=None, help="memory budget while generating, e.g. '50%%' (default) or '100MB'")
+    p.add_argument("--prompt", default=None, help="question asked to the model (default: what a sparse matrix is)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 32)")
+    p.add_argument("--model-dir", default=None, help="the exported demo model (default: the fetch-demo cache folder)")
+    p.add_argument("--workdir", default=None, help="where the pruned model and checkpoint go (default: <cache>/demo-run)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
 
     return ap
 
