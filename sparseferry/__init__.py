@@ -38,4 +38,11 @@ def load_tokenizer(*args, **kwargs):
     return _load_tokenizer(*args, **kwargs)
 
 
-__all__ = ["load", "prune", "load_tokenizer", "BitmapTensor", "SparseferryError", "convert", "decode", "encode", "open_checkpoint", "__version__"]
+def ensure_demo_model(*args, **kwargs):
+    """See sparseferry.demo.ensure_demo_model."""
+    from .demo import ensure_demo_model as _ensure_demo_model
+
+    return _ensure_demo_model(*args, **kwargs)
+
+
+__all__ = ["ensure_demo_model", "load", "prune", "load_tokenizer", "BitmapTensor", "SparseferryError", "convert", "decode", "encode", "open_checkpoint", "__version__"]
