@@ -198,7 +198,7 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
     writer = CheckpointWriter(dst, config=out_cfg, architecture=info.architecture, layers_prefix=info.layers_prefix,
                               num_layers=info.num_layers, tied=tied, force=force,
                               extra={"source": {"path": str(src.resolve()), "compressed_tensors": ct is not None}})
-    with writer:
+    with writer, bar:  # on error: the bar ends its line before the error is printed, the writer cleans up
         for rel, layer, group in groups:
             stored = []
             for n in group:
@@ -217,7 +217,6 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
                 writer.copy_file(f)
         writer.write_text("config.json", json.dumps(out_cfg, indent=2))
         writer.commit()
-    bar.close()
     secs = time.perf_counter() - t0
     stats.update(seconds=secs, gbps=stats["dense_bytes"] / secs / 1e9 if secs else 0.0)
     return stats

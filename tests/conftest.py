@@ -130,7 +130,9 @@ def make_tiny_model(arch: str, tmp_path, *, sparsity: float | None = 0.5, dtype:
         TinyModel(folder, model) with `model.state_dict()` equal to the saved weights.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the tests' output
     config = tiny_config(arch, hidden=hidden, layers=layers, **config_overrides)
     torch.manual_seed(seed)
     with warnings.catch_warnings():
