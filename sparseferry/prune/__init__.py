@@ -171,7 +171,7 @@ def _prune_layer(source, i: int, pruner_cls, sparsity: float, pat, per_row: bool
     prefix = f"{info.layers_prefix}.{i}."
     names = [n for n in info.layer_params(i) if n not in source.tied]
     orig = {n: source.tensor(n) for n in names}  # source dtype and layout
-    layer = source.load_layer(i, COMPUTE_DTYPE)
+    layer = source.load_layer(i, orig, COMPUTE_DTYPE)
     mods = linear_modules(layer)
     pruners = {name: pruner_cls(scoring_weight(mod).shape[1]) for name, mod in mods.items()}
     if inputs is not None:

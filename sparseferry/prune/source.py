@@ -114,12 +114,12 @@ class FolderSource:
             if t not in self.info.top_linear_weights:
                 _set_param(self.model, t, self.model.get_parameter(s))
 
-    def load_layer(self, i: int, dtype: torch.dtype) -> nn.Module:
-        """Decoder layer i with its parameters read from the source files, in `dtype`."""
+    def load_layer(self, i: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+        """Decoder layer i holding `tensors` ({parameter name: source tensor}, read by `tensor`) in `dtype`."""
         prefix = f"{self.layers_prefix}.{i}."
         layer = self.layers[i]
         for n in self.info.layer_params(i):
-            _set_param(layer, n[len(prefix) :], self.tensor(n).to(dtype))
+            _set_param(layer, n[len(prefix) :], (tensors[n] if n in tensors else self.tensor(n)).to(dtype))
         return layer
 
     def release_layer(self, i: int) -> None:
@@ -170,7 +170,8 @@ class ModuleSource:
     def materialize_non_layer(self, dtype: torch.dtype) -> None:
         """Nothing to load: the model's own modules run (in their own dtype; their outputs are cast)."""
 
-    def load_layer(self, i: int, dtype: torch.dtype) -> nn.Module:
+    def load_layer(self, i: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+        """The model's own layer i, cast to `dtype` in place (`tensors` are its parameters already)."""
         layer = self.layers[i]
         self._dtypes[i] = next(layer.parameters()).dtype
         return layer.to(dtype)
