@@ -119,7 +119,7 @@ def sparse_matmul(x: torch.Tensor, bt: BitmapTensor, bias: torch.Tensor | None =
 
     On CPU with a native path and at most MATVEC_MAX_BATCH rows of x: the fused kernel, reading W
     in its compressed form (fp32 accumulation, one rounding to x's dtype at the end). Otherwise
-    decompress + torch.nn.functional.linear (W cast to x's dtype if they differ).
+    decompress + torch.nn.functional.linear in the wider of x's and W's dtypes.
     """
     rows, cols = bt.shape
     if x.shape[-1:] != (cols,) or x.dtype not in VALUE_DTYPES or x.device != bt.device:
@@ -137,6 +137,6 @@ def sparse_matmul(x: torch.Tensor, bt: BitmapTensor, bias: torch.Tensor | None =
             y += bias.float()
         return y.to(x.dtype).reshape(*lead, rows)
     w = decompress(bt, threads=threads)
-    if w.dtype != x.dtype:
-        w = w.to(x.dtype)
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    dt = torch.promote_types(x.dtype, w.dtype)  # never round W (or x) to a narrower dtype
+    y = torch.nn.functional.linear(x.to(dt), w.to(dt), None if bias is None else bias.to(dt))
+    return y.to(x.dtype)

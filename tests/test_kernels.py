@@ -1,0 +1,350 @@
+"""The fast kernels agree with the pure-torch references, on every dispatch path this machine runs.
+
+decompress == format.decode bit for bit (NaN payloads, Inf, subnormals included), for awkward
+shapes around the vector widths (32/64 columns) and the column block (BLOCK_COLS), at sparsities 0,
+0.5, 0.9 and 1, in bf16/fp16/fp32; and sparse_matmul == x.float() @ decode(W).float().T within the
+error bound of fp32 accumulation. The Triton kernel is checked the same way in Triton's CPU
+interpreter, in a subprocess (TRITON_INTERPRET must be set before triton is imported).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparseferry.kernels as K
+from sparseferry.format import BLOCK_COLS, BitmapTensor, FormatError, decode, encode
+from sparseferry.kernels import native
+from sparseferry.kernels.reference import sparse_matmul_reference
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+ROWS = [1, 7, 17, 64, 65]
+COLS = [1, 7, 17, 63, 64, 65, BLOCK_COLS - 1, BLOCK_COLS + 1]
+SPARSITIES = [0.0, 0.5, 0.9, 1.0]
+CPU_PATHS = ["avx512", "avx2", "c", "torch"]
+NATIVE_PATHS = ["avx512", "avx2", "c"]
+
+
+def _skip_unless_runs(path: str) -> None:
+    if path != "torch" and path not in native.available_paths():
+        why = native.LOAD_ERROR or f"this CPU lacks the {path} instructions"
+        pytest.skip(f"kernel path {path} cannot run here: {why}")
+
+
+@pytest.fixture(params=CPU_PATHS)
+def path(request, monkeypatch):
+    """Force one CPU dispatch path through SPARSEFERRY_KERNEL, as a user would."""
+    _skip_unless_runs(request.param)
+    monkeypatch.setenv(K.ENV_VAR, request.param)
+    assert K.kernel_path("cpu") == request.param
+    return request.param
+
+
+@pytest.fixture(params=NATIVE_PATHS)
+def native_path(request):
+    _skip_unless_runs(request.param)
+    return request.param
+
+
+def sparse_matrix(rows: int, cols: int, sparsity: float, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Random W [rows, cols] with exactly round(sparsity * cols) zeros per row, no accidental zeros."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g).to(dtype)
+    w[w == 0] = 1.0
+    nzero = round(sparsity * cols)
+    drop = torch.rand(rows, cols, generator=g).argsort(dim=1)[:, :nzero]
+    return w.scatter(1, drop, torch.zeros_like(w))
+
+
+@functools.lru_cache(maxsize=None)
+def encoded(rows: int, cols: int, sparsity: float, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, BitmapTensor]:
+    """(W, encode(W)), built once per test session (shared by every path's test; never mutated)."""
+    w = sparse_matrix(rows, cols, sparsity, dtype, seed)
+    return w, encode(w)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns of a float tensor, for exact comparison (NaN == NaN when bits match)."""
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def assert_bit_exact(got: torch.Tensor, bt: BitmapTensor, want: torch.Tensor | None = None) -> None:
+    """got == format.decode(bt) bit for bit (`want`: that decode, when the caller has it already)."""
+    want = decode(bt) if want is None else want
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(bits(got), bits(want))
+
+
+# ------------------------------------------------------------------------------------------------
+# decompress
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decompress_is_bit_exact_over_awkward_shapes_and_sparsities(path, dtype):
+    for rows in ROWS:
+        for cols in COLS:
+            for sparsity in SPARSITIES:
+                w, bt = encoded(rows, cols, sparsity, dtype)
+                assert_bit_exact(K.decompress(bt, threads=2), bt, want=w)  # W has no -0.0: decode(bt) == W
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decompress_keeps_nan_inf_and_subnormals_bit_exact(path, dtype):
+    w = sparse_matrix(5, 2 * BLOCK_COLS + 3, 0.5, dtype)
+    info = torch.finfo(dtype)
+    nan_payload = {2: 0x7FC1 if dtype == torch.bfloat16 else 0x7E01, 4: 0x7FC00123}[w.element_size()]
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), info.tiny / 4, -info.tiny / 2], dtype=dtype)
+    payload = torch.tensor([nan_payload], dtype=bits(w).dtype).view(dtype)
+    for r in range(5):
+        w[r, r * 97 : r * 97 + 5] = specials
+        w[r, -1] = payload[0]
+    bt = encode(w)
+    got = K.decompress(bt)
+    assert_bit_exact(got, bt)
+    assert torch.isnan(got).sum() == 2 * 5 and torch.isinf(got).sum() == 2 * 5
+
+
+def test_decompress_fills_and_returns_the_given_out(path):
+    bt = encode(sparse_matrix(33, 1030, 0.5, torch.bfloat16))
+    out = torch.full((33, 1030), float("nan"), dtype=torch.bfloat16)  # stale contents must not survive
+    ptr = out.data_ptr()
+    for _ in range(2):
+        got = K.decompress(bt, out=out)
+        assert got is out and out.data_ptr() == ptr
+        assert_bit_exact(out, bt)
+
+
+def test_decompress_rejects_an_out_of_the_wrong_shape_dtype_or_layout():
+    bt = encode(sparse_matrix(4, 16, 0.5, torch.float16))
+    for bad in (torch.empty(4, 15, dtype=torch.float16), torch.empty(4, 16, dtype=torch.float32),
+                torch.empty(16, 4, dtype=torch.float16).T):
+        with pytest.raises(K.KernelError, match=r"out is"):
+            K.decompress(bt, out=bad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decompress_reads_views_at_odd_offsets_in_one_buffer(path, dtype):
+    """The runtime reads a layer into one uint8 buffer and takes typed views: no alignment beyond the element's."""
+    bt = encode(sparse_matrix(9, 130, 0.5, dtype))
+    es = bt.values.element_size()
+    buf = torch.zeros(64 + 8 * 9 + 3 + bt.bitmask.numel() + es * (bt.nnz + 1) + es * 9 * 130 + 64, dtype=torch.uint8)
+    pos = 8  # row_offsets: 8 bytes past a 64-byte boundary
+
+    def place(t: torch.Tensor, align: int) -> torch.Tensor:
+        nonlocal pos
+        pos += (-pos) % align
+        raw = buf[pos : pos + t.numel() * t.element_size()]
+        pos += raw.numel()
+        view = raw.view(t.dtype).view(t.shape)
+        view.copy_(t)
+        return view
+
+    row_offsets = place(bt.row_offsets, 8)
+    pos += 3  # bitmask at an odd address
+    bitmask = place(bt.bitmask, 1)
+    pos += es  # values one element past wherever that leaves them
+    values = place(bt.values, es)
+    out = place(torch.zeros(9, 130, dtype=dtype), es)
+    view_bt = BitmapTensor(bt.shape, values, bitmask, row_offsets, bt.block_offsets)
+    assert values.data_ptr() % 64 != 0 and bitmask.data_ptr() % 2 == 1
+    assert K.decompress(view_bt, out=out) is out
+    assert_bit_exact(out, bt)
+
+
+def test_decompress_is_the_same_on_one_and_two_threads(native_path, monkeypatch):
+    monkeypatch.setenv(K.ENV_VAR, native_path)
+    bt = encode(sparse_matrix(512, 700, 0.7, torch.float32))  # > 256 KiB per thread: really splits rows
+    assert_bit_exact(K.decompress(bt, threads=1), bt)
+    assert_bit_exact(K.decompress(bt, threads=2), bt)
+
+
+def test_decompress_runs_concurrently_from_threads(native_path, monkeypatch):
+    """The runtime decompresses in a background thread (GIL released) while the main thread computes."""
+    monkeypatch.setenv(K.ENV_VAR, native_path)
+    mats = [encode(sparse_matrix(200, 1000, 0.5, torch.bfloat16, seed=s)) for s in range(4)]
+    results = [None] * 4
+
+    def work(i):
+        results[i] = K.decompress(mats[i], threads=1)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for bt, got in zip(mats, results):
+        assert_bit_exact(got, bt)
+
+
+@pytest.mark.parametrize("corrupt", ["count", "first", "past_end", "truncated_values"])
+def test_native_kernels_reject_row_offsets_that_disagree_with_the_bitmask(native_path, monkeypatch, corrupt):
+    """A corrupt matrix raises FormatError naming the row; it never reads outside `values`."""
+    monkeypatch.setenv(K.ENV_VAR, native_path)
+    bt = encode(sparse_matrix(6, 100, 0.5, torch.bfloat16))
+    ro, values, row = bt.row_offsets.clone(), bt.values, 3
+    if corrupt == "count":
+        ro[3] += 1
+        row = 2  # row 2 now spans one value too many: the first inconsistent row found
+    elif corrupt == "first":
+        ro[0] = 1
+        row = 0
+    elif corrupt == "past_end":
+        ro[5] = bt.nnz + 1000
+        row = 4
+    else:
+        values = values[:-1]
+        row = 5
+    bad = BitmapTensor(bt.shape, values, bt.bitmask, ro, bt.block_offsets)
+    with pytest.raises(FormatError, match=rf"row {row}\b|row \d"):
+        K.decompress(bad)
+    with pytest.raises(FormatError, match=r"inconsistent"):
+        K.sparse_matmul(torch.ones(1, 100, dtype=torch.bfloat16), bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    cols=st.integers(1, 300),
+    sparsity=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_decompress_property_matches_reference_on_the_best_path(rows, cols, sparsity, dtype, seed):
+    bt = encode(sparse_matrix(rows, cols, sparsity, dtype, seed))
+    assert_bit_exact(K.decompress(bt), bt)
+
+
+# ------------------------------------------------------------------------------------------------
+# sparse_matmul
+
+
+def fp32_error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """|fp32 dot - exact| <= cols * u * sum_j |x_j w_j| (u = 2**-24), for ours and for the reference: twice that."""
+    return 2 * x.shape[-1] * 2.0**-24 * (x.float().abs() @ w.float().abs().T) + 1e-30
+
+
+@pytest.mark.parametrize("wdtype", DTYPES, ids=str)
+@pytest.mark.parametrize("xdtype", DTYPES, ids=str)
+def test_fused_matvec_matches_fp32_reference_within_accumulation_error(native_path, wdtype, xdtype):
+    """The fused kernel itself (every batch size, also past MATVEC_MAX_BATCH) in fp32 before rounding."""
+    for rows, cols in [(1, 1), (7, 17), (17, 63), (65, 64), (3, BLOCK_COLS + 1), (9, 2 * BLOCK_COLS + 33)]:
+        for sparsity in SPARSITIES:
+            w, bt = encoded(rows, cols, sparsity, wdtype)
+            for batch in (1, 3, 17):
+                x = torch.randn(batch, cols).to(xdtype)
+                got = native.matvec(x, bt, path=native_path, threads=2)
+                want = x.float() @ w.float().T
+                assert got.dtype == torch.float32 and got.shape == (batch, rows)
+                assert ((got - want).abs() <= fp32_error_bound(x, w)).all(), (rows, cols, sparsity, batch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_sparse_matmul_matches_reference_on_every_path(path, dtype, batch):
+    """Public API: fused kernel up to MATVEC_MAX_BATCH rows, decompress + linear beyond; result in x's dtype."""
+    w, bt = encoded(65, BLOCK_COLS + 1, 0.5, dtype)
+    x = torch.randn(batch, BLOCK_COLS + 1).to(dtype)
+    bias = torch.randn(65).to(dtype)
+    got = K.sparse_matmul(x, bt, bias)
+    want = x.float() @ w.float().T + bias.float()
+    assert got.dtype == dtype and got.shape == (batch, 65)
+    # the fp32 bound, plus one rounding of the result to x's dtype (and of bf16/fp16 linear's own)
+    tol = fp32_error_bound(x, w) + 2 * torch.finfo(dtype).eps * want.abs()
+    assert ((got.float() - want).abs() <= tol).all()
+    torch.testing.assert_close(got, sparse_matmul_reference(x, bt, bias), atol=float(tol.max()), rtol=0)
+
+
+def test_sparse_matmul_keeps_leading_dimensions_and_mixed_dtypes(path):
+    w = sparse_matrix(10, 40, 0.5, torch.float32)
+    bt = encode(w)
+    x = torch.randn(2, 3, 40, dtype=torch.bfloat16)
+    got = K.sparse_matmul(x, bt)
+    assert got.shape == (2, 3, 10) and got.dtype == torch.bfloat16
+    want = (x.float() @ w.T).to(torch.bfloat16)  # W is used in fp32, not rounded to bf16
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=2 * torch.finfo(torch.bfloat16).eps)
+
+
+def test_sparse_matmul_rejects_mismatched_inputs():
+    bt = encode(sparse_matrix(4, 16, 0.5, torch.float32))
+    with pytest.raises(K.KernelError, match=r"\[\.\.\., 16\]"):
+        K.sparse_matmul(torch.ones(1, 15), bt)
+    with pytest.raises(K.KernelError, match=r"bias"):
+        K.sparse_matmul(torch.ones(1, 16), bt, torch.ones(5))
+
+
+def test_matvec_max_batch_is_a_small_positive_constant():
+    assert isinstance(K.MATVEC_MAX_BATCH, int) and 1 <= K.MATVEC_MAX_BATCH <= 64
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch
+
+
+def test_kernel_path_defaults_to_the_fastest_native_path(monkeypatch):
+    monkeypatch.delenv(K.ENV_VAR, raising=False)
+    expected = (native.available_paths() or ["torch"])[0]
+    assert K.kernel_path() == expected == K.kernel_path("cpu")
+    assert K.kernel_path("meta") == "torch"
+
+
+def test_kernel_path_rejects_unknown_or_unavailable_forced_paths(monkeypatch):
+    monkeypatch.setenv(K.ENV_VAR, "sse9")
+    with pytest.raises(K.KernelError, match=r"SPARSEFERRY_KERNEL='sse9'"):
+        K.kernel_path()
+    monkeypatch.setattr(native, "available_paths", lambda: ["c"])
+    monkeypatch.setenv(K.ENV_VAR, "avx512")
+    with pytest.raises(K.KernelError, match=r"avx512.*cannot run here"):
+        K.kernel_path()
+
+
+def test_without_the_extension_the_torch_reference_is_used_with_one_notice(monkeypatch, caplog):
+    monkeypatch.delenv(K.ENV_VAR, raising=False)
+    monkeypatch.setattr(native, "_native", None)
+    monkeypatch.setattr(native, "LOAD_ERROR", "ImportError: no module named sparseferry._native")
+    monkeypatch.setattr(K, "_noticed", set())
+    bt = encode(sparse_matrix(3, 20, 0.5, torch.bfloat16))
+    with caplog.at_level(logging.WARNING, logger="sparseferry.kernels"):
+        assert K.kernel_path() == "torch"
+        assert_bit_exact(K.decompress(bt), bt)
+        K.sparse_matmul(torch.ones(1, 20, dtype=torch.bfloat16), bt)
+    notices = [r for r in caplog.records if "native kernels not available" in r.getMessage()]
+    assert len(notices) == 1 and "no module named" in notices[0].getMessage()
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton (in the interpreter, on CPU tensors)
+
+# the interpreter runs each program in Python: few rows, but every column-block boundary case
+TRITON_SHAPES = [(1, 1), (7, 17), (3, 65), (2, BLOCK_COLS - 1), (3, BLOCK_COLS + 1), (1, 3 * BLOCK_COLS)]
+
+
+def test_triton_decompress_is_bit_exact_in_the_interpreter():
+    pytest.importorskip("triton", reason="triton is not installed (the gpu extra)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        # triton reads TRITON_INTERPRET when first imported: run this test again in a fresh process
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"{__file__}::{test_triton_decompress_is_bit_exact_in_the_interpreter.__name__}"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+        return
+    from sparseferry.kernels import triton_kernels
+
+    for dtype in DTYPES:
+        for rows, cols in TRITON_SHAPES:
+            for sparsity in (0.0, 0.5, 1.0):
+                w = sparse_matrix(rows, cols, sparsity, dtype, seed=rows * cols)
+                if sparsity < 1:
+                    w[0, 0] = float("nan")
+                    w[-1, -1] = float("-inf")
+                bt = encode(w)
+                out = torch.full((rows, cols), 7.0, dtype=dtype)
+                assert triton_kernels.decompress(bt, out) is out
+                assert_bit_exact(out, bt)
