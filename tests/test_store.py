@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -51,15 +52,21 @@ def write_checkpoint(dst: Path, layers: dict, extra: dict, **writer_kw) -> Path:
         return w.commit()
 
 
-@pytest.fixture
-def toy(tmp_path):
-    """(checkpoint folder, {name: source tensor}) of a hand-written 2-layer checkpoint."""
+@pytest.fixture(scope="module")
+def pristine_toy(tmp_path_factory):
     layers, extra = toy_tensors()
-    dst = write_checkpoint(tmp_path / "toy", layers, extra)
+    dst = write_checkpoint(tmp_path_factory.mktemp("pristine") / "toy", layers, extra)
     everything = dict(extra)
     for tensors in layers.values():
         everything.update(tensors)
     return dst, everything
+
+
+@pytest.fixture
+def toy(pristine_toy, tmp_path):
+    """(checkpoint folder, {name: source tensor}) of a hand-written 2-layer checkpoint, this test's own copy."""
+    src, everything = pristine_toy
+    return Path(shutil.copytree(src, tmp_path / "toy")), everything
 
 
 def header_of(path: Path) -> tuple[int, dict]:
