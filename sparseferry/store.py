@@ -488,7 +488,7 @@ class Checkpoint:
                     h = header.get(p["name"])
                     if h is None:
                         raise CheckpointError(f"{fp}: tensor {p['name']} listed in the manifest is not in the file")
-                    want = {"dtype": _ST_DTYPES[dtype_from_name(p["dtype"])], "shape": list(p["shape"]),
+                    want = {"dtype": _ST_DTYPES.get(dtype_from_name(p["dtype"])), "shape": list(p["shape"]),
                             "data_offsets": [p["offset"] - fe["data_start"], p["offset"] - fe["data_start"] + p["nbytes"]]}
                     got = {k: h.get(k) for k in want}
                     if got != want:
