@@ -29,8 +29,12 @@ ENV_VAR = "SPARSEFERRY_KERNEL"
 CPU_PATHS = ("avx512", "avx2", "c", "torch")
 
 # Up to this many rows of x, the fused kernel beats decompress + torch matmul on CPU.
-# Measured by `python benchmarks/kernels.py --crossover` (11008x4096 and 4096x4096 bf16, 50% sparse,
-# 1 and 2 threads, AVX-512 path): see that script's docstring for the numbers.
+# Measured with `python benchmarks/kernels.py --crossover --shapes 4096x4096` (bf16, 50% sparse,
+# AVX-512 path, 2-core AMD EPYC Zen 4): the fused kernel's cost grows with the batch (it re-runs
+# the expand + multiply per group of 4 rows of x; ~0.08 / 0.09 / 0.14 / 0.24 ms per 256x4096 rows
+# at batch 1 / 2 / 4 / 8, bf16 x), dense linear's barely does, and decompress + linear took
+# ~18-25 ms vs fused 17 ms at batch 8, 21 ms at 12, 27 ms at 16 (1 thread); with fp32 x (no
+# AVX512_BF16 dot) the fused kernel is ~1.6x slower per batch row, so 8 is where it wins for every x dtype.
 MATVEC_MAX_BATCH = 8
 
 _log = logging.getLogger(__name__)
