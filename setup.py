@@ -33,6 +33,7 @@ if sources:
         Extension(
             "sparseferry._native",
             sources=sources,
+            depends=sorted(glob.glob("csrc/*.h")),  # rebuild when the shared header changes
             extra_compile_args=["-O3", "-std=c11", "-fopenmp", "-fno-strict-aliasing"],
             extra_link_args=["-fopenmp"],
         )
