@@ -14,18 +14,20 @@
 
 #include <string.h>
 
-#if defined(__x86_64__)
+#if SF_X86
 #include <immintrin.h>
 #endif
 
 /* ------------------------------------------------------------------------------------------ */
 /* CPU features and bit counting                                                              */
 
+#if SF_X86
 static int g_has_popcnt = 0;
+#endif
 
 int sf_supported_paths(void) {
     int paths = 1 << SF_PATH_C;
-#if defined(__x86_64__)
+#if SF_X86
     __builtin_cpu_init();
     g_has_popcnt = __builtin_cpu_supports("popcnt");
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
@@ -55,7 +57,7 @@ static size_t count_row_generic(const uint8_t *mask, int64_t cols) {
     return n;
 }
 
-#if defined(__x86_64__)
+#if SF_X86
 __attribute__((target("popcnt"))) static size_t count_row_popcnt(const uint8_t *mask, int64_t cols) {
     int64_t nbytes = (cols + 7) / 8;
     size_t n = 0;
@@ -78,7 +80,7 @@ int sf_row_span(int64_t r, int64_t rows, int64_t cols, int64_t nnz, const uint8_
     if (r + 1 < rows) memcpy(&e, row_offsets + r + 1, 8);
     else e = nnz;
     if ((r == 0 && s != 0) || s < 0 || e < s || e > nnz) return 0;
-#if defined(__x86_64__)
+#if SF_X86
     size_t n = g_has_popcnt ? count_row_popcnt(mask_row, cols) : count_row_generic(mask_row, cols);
 #else
     size_t n = count_row_generic(mask_row, cols);
@@ -123,7 +125,7 @@ int sf_threads_for(int threads, int64_t rows, int64_t bytes) {
 DEFINE_ROW_C(row16_c, uint16_t)
 DEFINE_ROW_C(row32_c, uint32_t)
 
-#if defined(__x86_64__)
+#if SF_X86
 /* ------------------------------------------------------------------------------------------ */
 /* AVX-512                                                                                    */
 
@@ -260,10 +262,12 @@ AVX2_TARGET static size_t row32_avx2(const void *src_, const void *src_end, cons
     src += row32_c(src, end, mask + j / 8, cols - j, out + j);
     return (size_t)(src - src0);
 }
-#endif /* __x86_64__ */
+#else
+void sf_init_tables(void) {}
+#endif /* SF_X86 */
 
 sf_row_decoder sf_pick_row_decoder(int path, int elem_size) {
-#if defined(__x86_64__)
+#if SF_X86
     if (path == SF_PATH_AVX512) return elem_size == 2 ? row16_avx512 : row32_avx512;
     if (path == SF_PATH_AVX2) return elem_size == 2 ? row16_avx2 : row32_avx2;
 #else

@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__)
+#if SF_X86
 #include <immintrin.h>
 #endif
 
@@ -65,7 +65,7 @@ static float dot_c(int dtype, const void *w, const float *x, int64_t n) {
     return acc;
 }
 
-#if defined(__x86_64__)
+#if SF_X86
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c,popcnt")))
 
 AVX2_TARGET static float dot_avx2(int dtype, const void *w, const float *x, int64_t n) {
@@ -110,7 +110,7 @@ static void matvec_decode_dot(int path, int dtype, int64_t rows, int64_t cols, c
     const int64_t mask_stride = (cols + 7) / 8;
     sf_row_decoder decode_row = sf_pick_row_decoder(path, es);
     float (*dot)(int, const void *, const float *, int64_t) = dot_c;
-#if defined(__x86_64__)
+#if SF_X86
     if (path == SF_PATH_AVX2) dot = dot_avx2;
 #endif
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -133,7 +133,7 @@ static void matvec_decode_dot(int path, int dtype, int64_t rows, int64_t cols, c
     }
 }
 
-#if defined(__x86_64__)
+#if SF_X86
 /* ------------------------------------------------------------------------------------------ */
 /* AVX-512 fused expand + multiply-add                                                         */
 
@@ -285,7 +285,7 @@ static int64_t matvec_avx512(int dtype, int64_t rows, int64_t cols, const char *
     free(xp);
     return bad;
 }
-#endif /* __x86_64__ */
+#endif /* SF_X86 */
 
 int64_t sf_matvec(int path, int dtype, int64_t rows, int64_t cols, const void *values, int64_t nnz,
                   const uint8_t *bitmask, const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch,
@@ -294,7 +294,7 @@ int64_t sf_matvec(int path, int dtype, int64_t rows, int64_t cols, const void *v
     const char *vals = (const char *)values;
     /* Work scales with the bytes of W read, not the output size. */
     int nt = sf_threads_for(threads, rows, rows * cols * es / 2);
-#if defined(__x86_64__)
+#if SF_X86
     if (path == SF_PATH_AVX512)
         return matvec_avx512(dtype, rows, cols, vals, bitmask, row_offsets, nnz, x, x_dtype, batch, y, nt);
 #endif

@@ -18,6 +18,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* x86-64 vector paths; elsewhere (or with -DSF_PORTABLE_ONLY, to check that build) just the C path. */
+#if defined(__x86_64__) && !defined(SF_PORTABLE_ONLY)
+#define SF_X86 1
+#else
+#define SF_X86 0
+#endif
+
 /* Code paths; the numbers are the ones the Python wrapper passes. */
 enum sf_path { SF_PATH_C = 0, SF_PATH_AVX2 = 1, SF_PATH_AVX512 = 2 };
 /* Value dtypes for the matvec (decompression only needs the element size). */
