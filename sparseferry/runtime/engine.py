@@ -9,8 +9,10 @@ batching and the KV cache are exactly transformers'.
 """
 from __future__ import annotations
 
+import os
 import resource
 import time
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import SparseferryError
+from ..format import BitmapTensor
 from ..hf import config_from_dict, model_info
 from ..store import Checkpoint, CheckpointError, open_checkpoint
 from .budget import format_bytes, parse_budget
@@ -45,6 +48,16 @@ def _set_param(model: nn.Module, name: str, value: torch.Tensor | nn.Parameter) 
     mod_name, _, leaf = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
     mod._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+
+
+def _fused_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward, multiplying from the compressed weight when the pipeline handed one over."""
+    bt = self._sf_bitmap
+    if bt is not None:
+        from ..kernels import sparse_matmul
+
+        return sparse_matmul(x, bt, self.bias)
+    return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 def _rss_bytes() -> int:
@@ -75,7 +88,38 @@ class StreamingEngine:
         self.compute_s = 0.0
         self._pass_t0 = None
         self._handles = []
+        self.fused_linears = {i: set() for i in plan.streamed}
+        self.fused = self._enable_fused()
         self._install_hooks()
+
+    def _enable_fused(self) -> bool:
+        """Whether decode steps may multiply straight from the compressed weights (CPU, native kernels,
+        every bitmap-encoded weight of a streamed layer belonging to an nn.Linear)."""
+        if self.pipeline is None or self.device.type != "cpu" or os.environ.get("SPARSEFERRY_FUSED", "1") == "0":
+            return False
+        try:
+            from ..kernels import kernel_path
+
+            if kernel_path("cpu") == "torch":
+                return False
+        except ImportError:
+            return False
+        for i in self.plan.streamed:
+            plen = len(f"{self.ckpt.layers_prefix}.{i}.")
+            for name in self.ckpt.layer_tensors(i):
+                if self.ckpt.tensors[name].encoding != "bitmap":
+                    continue
+                mod_name = name[plen:].rpartition(".")[0]
+                mod = self.layers[i].get_submodule(mod_name)
+                if type(mod) is not nn.Linear or not name.endswith(".weight"):
+                    return False
+                self.fused_linears[i].add(mod_name)
+        for i, names in self.fused_linears.items():
+            for mod_name in names:
+                mod = self.layers[i].get_submodule(mod_name)
+                mod._sf_bitmap = None
+                mod.forward = types.MethodType(_fused_linear_forward, mod)
+        return True
 
     # -- hooks: the schedule's compute side
     def _install_hooks(self) -> None:
@@ -92,7 +136,13 @@ class StreamingEngine:
 
         def pre(module, args):
             for rel, t in self.pipeline.acquire(i).items():  # wait(n)
-                _set_param(layer, rel, t)
+                mod_name, _, leaf = rel.rpartition(".")
+                if isinstance(t, BitmapTensor):  # fused mode: the linear multiplies from the bitmap
+                    layer.get_submodule(mod_name)._sf_bitmap = t
+                else:
+                    if leaf == "weight" and mod_name in self.fused_linears[i]:
+                        layer.get_submodule(mod_name)._sf_bitmap = None
+                    _set_param(layer, rel, t)
             self._layer_t0 = time.perf_counter()
 
         return pre
@@ -109,6 +159,11 @@ class StreamingEngine:
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         shape = tuple(ids.shape[:2]) if ids is not None else (1, 1)
+        if self.pipeline is not None:
+            from ..kernels import MATVEC_MAX_BATCH
+
+            small = shape[0] * (shape[1] if len(shape) > 1 else 1) <= MATVEC_MAX_BATCH
+            self.pipeline.set_mode("fused" if self.fused and small else "dense")
         ps = self.pipeline.stats if self.pipeline else None
         self._pass_t0 = (time.perf_counter(), shape, ps.bytes_read if ps else 0, ps.wait_s if ps else 0.0,
                          ps.decompress_s if ps else 0.0)

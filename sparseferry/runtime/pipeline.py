@@ -13,6 +13,12 @@ compressed (or in host memory) skip the read; disk layers are read with direct I
 is verified before anything is decompressed. On CUDA the copy to the device and the decompression
 run on a side stream; a slot is reused only after the compute stream has finished with it (event).
 
+In "fused" mode (CPU, small batches: decode steps) there is no decompression at all: the compute
+side gets the compressed views themselves (from the read buffer, or the resident bytes) and the
+layer's linear layers multiply straight from the bitmap format (`kernels.sparse_matmul`), reading
+9 bits per weight instead of writing and re-reading 16. A read buffer is then held until release(n).
+The mode is chosen per forward pass; switching drains the pipeline.
+
 If layers are ever used out of order (a forward pass that raised, a model that skips layers), the
 pipeline drains and restarts at the requested layer: it can never hand out a slot holding the wrong layer.
 """
@@ -86,16 +92,28 @@ class Pipeline:
         self.decompress_threads = decompress_threads
         self.prefix = {s.index: f"{ckpt.layers_prefix}.{s.index}." for s in sources}
         # dense slots: one tensor per relative parameter name, sized for the largest layer
-        self.slots = [{rel: torch.empty(numel, dtype=dt, device=device) for rel, (numel, dt) in slot_shapes.items()}
-                      for _ in range(nslots)]
+        # Each slot is one raw byte buffer carved into a typed region per parameter; in fused mode
+        # (no decompression) the same bytes serve as extra read buffers, deepening the read-ahead.
+        layout, nbytes = {}, 0
+        for rel, (numel, dt) in slot_shapes.items():
+            nbytes += (-nbytes) % 64
+            layout[rel] = (nbytes, numel, dt)
+            nbytes += numel * dt.itemsize
+        self.slot_raw = [aligned_empty(nbytes) if not self.cuda else torch.empty(nbytes, dtype=torch.uint8, device=device)
+                         for _ in range(nslots)]
+        self.slots = [{rel: raw[off : off + numel * dt.itemsize].view(dt) for rel, (off, numel, dt) in layout.items()}
+                      for raw in self.slot_raw]
         any_disk = any(s.tier == "disk" for s in sources)
         self.readbufs = [aligned_empty(readbuf_bytes, pin=self.cuda) for _ in range(nreadbufs)] if any_disk else []
+        # read buffers of fused mode: the read buffers, then the slots' bytes where a layer fits
+        self.fused_bufs = self.readbufs + ([r for r in self.slot_raw if r.numel() >= readbuf_bytes] if any_disk else [])
         any_copy = self.cuda and any(s.tier in ("disk", "host") for s in sources)
         stage_bytes = max((s.end - s.start for s in sources), default=0)
         self.staging = [torch.empty(stage_bytes, dtype=torch.uint8, device=device) for _ in range(max(nreadbufs, 1))] if any_copy else []
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.slot_free_event: list = [None] * nslots
         self.stats = PipelineStats()
+        self.mode = "dense"  # or "fused": hand out compressed views, no decompression
         self.cv = threading.Condition()
         self.threads: list[threading.Thread] = []
         self._reset(base=0)
@@ -111,7 +129,8 @@ class Pipeline:
         self.error: BaseException | None = None
         self.stop = False
         self.broken = False  # a stage failed: the next acquire restarts from scratch
-        self.slot_layer = [-1] * self.K
+        self.done_layer: dict[int, int] = {}  # n -> the layer its slot (or views) now holds
+        self.fused_ready: dict[int, dict] = {}  # n -> compressed views (fused mode)
 
     def layer_of(self, n: int) -> int:
         return self.order[(self.base + n) % len(self.order)]
@@ -151,7 +170,11 @@ class Pipeline:
         n = 0
         while True:
             with self.cv:
-                if not self._wait_for(lambda: n - self.decomp_n < max(self.R, 1)):
+                # readbuf[n % R] is free once its previous user is done with it: decompressed, or
+                # (fused mode) released by compute.
+                fused = self.mode == "fused"
+                nbufs = (len(self.fused_bufs) or len(self.order)) if fused else max(self.R, 1)
+                if not self._wait_for(lambda: n - (self.released_n if fused else self.decomp_n) < nbufs):
                     return
             try:
                 views = self._read(n)
@@ -173,7 +196,8 @@ class Pipeline:
         if src.tier != "disk":
             return {"data": src.data, "index": src.index}
         t0 = time.perf_counter()
-        buf = self.readbufs[n % self.R]
+        bufs = self.fused_bufs if self.mode == "fused" else self.readbufs
+        buf = bufs[n % len(bufs)]
         data = src.reader.read_range(src.start, src.end, buf)
         views = self.ckpt.layer_views(src.index, data, verify=self.verify)  # raises on checksum mismatch
         self.stats.read_s += time.perf_counter() - t0
@@ -185,11 +209,18 @@ class Pipeline:
         n = 0
         while True:
             with self.cv:
-                if not self._wait_for(lambda: n < self.read_n and n - self.released_n < self.K):
+                fused = self.mode == "fused"
+                slots = (len(self.fused_bufs) or len(self.order)) if fused else self.K
+                if not self._wait_for(lambda: n < self.read_n and n - self.released_n < slots):
                     return
                 item = self.pending.pop(n)
             try:
-                self._decompress_into(n, item)
+                if fused:
+                    views = item.get("views") or self.ckpt.layer_views(item["index"], item["data"], verify=False)
+                    with self.cv:
+                        self.fused_ready[n] = views
+                else:
+                    self._decompress_into(n, item)
             except BaseException as e:  # noqa: BLE001
                 with self.cv:
                     self.error = e
@@ -198,7 +229,7 @@ class Pipeline:
             with self.cv:
                 if self.stop:
                     return
-                self.slot_layer[n % self.K] = item["index"]
+                self.done_layer[n] = item["index"]
                 self.decomp_n = n + 1
                 self.cv.notify_all()
             n += 1
@@ -253,13 +284,17 @@ class Pipeline:
                     self.cv.notify_all()
                     raise err
                 self.cv.wait(0.1)
-            assert self.slot_layer[n % self.K] == layer, "pipeline slot holds the wrong layer"
+            if self.done_layer.pop(n) != layer:  # cannot happen: sequence numbers map to layers
+                raise RuntimeError(f"streaming pipeline out of step: layer {layer} wanted at step {n}")
+            fused = self.fused_ready.pop(n, None)
         dt = time.perf_counter() - t0
         self.stats.wait_s += dt
         self.stats.per_layer_wait[layer] = self.stats.per_layer_wait.get(layer, 0.0) + dt
         self.stats.uses += 1
-        src = self.sources[self.pos[layer]]
-        return self._slot_views(n % self.K, src.index)
+        if fused is not None:
+            plen = len(self.prefix[layer])
+            return {name[plen:]: v for name, v in fused.items()}
+        return self._slot_views(n % self.K, layer)
 
     def _slot_views(self, k: int, i: int) -> dict[str, torch.Tensor]:
         plen = len(self.prefix[i])
@@ -285,6 +320,18 @@ class Pipeline:
             self.cur = n + 1
             self.released_n = n + 1
             self.cv.notify_all()
+
+    def set_mode(self, mode: str) -> None:
+        """"dense" (decompress into slots) or "fused" (hand out compressed views); drains on a change."""
+        if mode == self.mode:
+            return
+        if mode == "dense" and self.K == 0:
+            raise ValueError("dense mode needs decompression slots")
+        self.shutdown()
+        with self.cv:
+            nxt = (self.base + self.cur) % len(self.order) if self.order else 0
+            self.mode = mode
+            self._reset(base=nxt)
 
     def _restart(self, layer: int) -> None:
         self.shutdown()
