@@ -231,6 +231,16 @@ def find_sword_module(abbreviation: str = "WEB") -> Path | None:
 
 _NOTE = re.compile(r"<note\b[^>]*>.*?</note>", re.S)  # footnotes: their text is not running prose
 _TAG = re.compile(r"<[^>]*>")
+# A tag becomes a space (`<w>Yahweh</w><note/><w>called</w>` must not glue two words), then the spaces
+# that leaves inside punctuation go: `<w>Israel</w>,` -> "Israel ," -> "Israel,"; `“<w>Speak` -> "“Speak".
+_SPACE_BEFORE = re.compile(r" +([,.;:!?)\]’”])")
+_SPACE_AFTER = re.compile(r"([(\[“‘]) +")
+
+
+def osis_to_plain(raw: str) -> str:
+    """Plain text of an OSIS XML fragment: footnotes dropped, tags removed, whitespace collapsed."""
+    text = " ".join(_TAG.sub(" ", _NOTE.sub(" ", raw)).split())
+    return _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", text))
 
 
 def read_sword_ztext(folder) -> list[tuple[str, str]]:
@@ -271,7 +281,7 @@ def read_sword_ztext(folder) -> list[tuple[str, str]]:
                 except zlib.error as e:
                     raise TextSourceError(f"{folder}/{t}.bzz: block {b} does not decompress ({e})") from None
             raw = blocks[b][off:off + size].decode("utf-8", errors="replace")
-            plain = " ".join(_TAG.sub(" ", _NOTE.sub(" ", raw)).split())
+            plain = osis_to_plain(raw)
             if plain:
                 verses.setdefault(b, []).append(plain)
         units += [(f"{t}:{b}", " ".join(v)) for b, v in sorted(verses.items())]
@@ -281,4 +291,4 @@ def read_sword_ztext(folder) -> list[tuple[str, str]]:
 
 
 __all__ = ["TextSourceError", "available_sources", "calibration_text", "evaluation_text", "find_sword_module",
-           "is_heldout", "module_docstrings", "normalize", "read_sword_ztext", "source_units", "stdlib_docstrings"]
+           "is_heldout", "module_docstrings", "normalize", "osis_to_plain", "read_sword_ztext", "source_units", "stdlib_docstrings"]

@@ -174,14 +174,14 @@ def test_sword_ztext_reads_verses_without_markup_or_footnotes(tmp_path, monkeypa
     data = _make_ztext(tmp_path, [
         ['<title type="main">Genesis</title> <div sID="g1" type="x-p"/>In the beginning, God created the heavens and the earth.',
          'The earth was formless<note placement="foot"><reference>1:2</reference>Or, empty.</note> and empty.'],
-        ["<w lemma=\"x\">Now</w> these are the names."],
+        ['<w lemma="x">Now</w> these are the names of <w>Israel</w>, “<w>Speak</w>.” <w>Yahweh</w><note>A name.</note><w>called</w>'],
     ])
     monkeypatch.setenv("SWORD_PATH", str(tmp_path))
     assert find_sword_module("WEB") == data.resolve()
     assert "web" in available_sources()
     assert read_sword_ztext(data) == [
         ("ot:0", "Genesis In the beginning, God created the heavens and the earth. The earth was formless and empty."),
-        ("ot:1", "Now these are the names."),
+        ("ot:1", "Now these are the names of Israel, “Speak.” Yahweh called"),
     ]
 
 
