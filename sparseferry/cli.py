@@ -99,6 +99,40 @@ def _cmd_demo(a) -> int:
     return 0
 
 
+def _cmd_synth(a) -> int:
+    from .synth import synth
+
+    rec = synth(a.out, arch=a.arch, params=a.params, sparsity=a.sparsity, seed=a.seed, dtype=a.dtype, vocab=a.vocab,
+                force=a.force, progress=not a.quiet)
+    sh = rec["shape"]
+    print(f"wrote {a.out}: {rec['arch']} {rec['params'] / 1e9:.3f}B parameters (hidden {sh['hidden']}, MLP {sh['intermediate']}, "
+          f"{sh['layers']} layers, {sh['heads']} heads / {sh['kv_heads']} KV, vocab {sh['vocab']}), {rec['dtype']}, "
+          f"sparsity {rec['sparsity']:g}, seed {rec['seed']}, {rec['bytes'] / 1e9:.3f} GB")
+    return 0
+
+
+def _cmd_bench(a) -> int:
+    from .bench import bench, sweep
+    from .bench.report import render_table
+
+    common = dict(out=a.out, storage=a.storage, arch=a.arch, params=a.params, seed=a.seed, vocab=a.vocab, batch=a.batch,
+                  prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, warmup=a.warmup, reps=a.reps, threads=a.threads,
+                  workdir=a.workdir, progress=not a.quiet)
+    if a.sweep_sparsity or a.sweep_budget:
+        if a.model_dir:
+            raise SparseferryError("a sweep runs on synthetic models: drop MODEL_DIR or the --sweep-* flags")
+        doc = sweep(sparsities=a.sweep_sparsity or str(a.sparsity), budgets=a.sweep_budget or a.budget, **common)
+        for p in doc["points"]:
+            print(f"sparsity {p['sparsity']:g}, budget {p['budget']}: {p['speedup_vs_accelerate'] or 0:.2f}x vs Accelerate "
+                  f"({p['decode_s_per_token'] * 1e3:.0f} ms/token)")
+        print(f"wrote {a.out}/sweep.json and sweep.png")
+        return 0
+    res = bench(a.model_dir, budget=a.budget, sparsity=a.sparsity, dense_dir=a.dense_dir, **common)
+    print(json.dumps(res, indent=1) if a.json else render_table(res))
+    print(f"wrote {a.out}/results.json, results.md, results.png", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparseferry", description="Run LLMs larger than memory from bitmap-compressed sparse weights.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -181,6 +215,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="where the pruned model and checkpoint go (default: <cache>/demo-run)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("synth", help="write a synthetic HuggingFace model of a given size (random, magnitude-pruned)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--arch", default="llama", help="llama (default), mistral, qwen2 or gpt_neox")
+    p.add_argument("--params", default="1B", help="parameter count, e.g. 1B (TinyLlama-1.1B shape), 350M, 7B (default 1B)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each decoder linear weight zeroed by magnitude (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="weights depend only on seed and tensor name (default 0)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 32000)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("bench", help="benchmark sparseferry against Accelerate offloading and this machine's physical bound")
+    p.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
+                   help="HuggingFace folder of a pruned model stored densely (default: a synthetic model)")
+    p.add_argument("--budget", default="30%", help="memory budget: share of the dense weights ('30%%', default) or a size ('2GiB')")
+    p.add_argument("--storage", choices=["disk", "host"], default="disk", help="where offloaded weights live (default disk)")
+    p.add_argument("--out", default="results", help="folder for results.json, results.md, results.png (default results/)")
+    p.add_argument("--workdir", default=None, help="models, checkpoints and logs (default OUT/work)")
+    p.add_argument("--dense-dir", default=None, help="the unpruned twin of MODEL_DIR (for sparseferry-dense)")
+    p.add_argument("--arch", default="llama", help="synthetic model family (default llama)")
+    p.add_argument("--params", default="1B", help="synthetic model size (default 1B)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="synthetic model sparsity (default 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=int, default=None, help="synthetic model vocabulary (default 32000)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (default 32)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated (default 16)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per system (default 1)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per system, median reported (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in every system (default: torch's)")
+    p.add_argument("--sweep-sparsity", default=None, metavar="S1,S2,...", help="sweep synthetic sparsities, e.g. 0.5,0.6,0.7")
+    p.add_argument("--sweep-budget", default=None, metavar="B1,B2,...", help="sweep budgets, e.g. 20%%,30%%,50%%")
+    p.add_argument("--json", action="store_true", help="print results.json instead of the table")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=_cmd_bench)
 
     return ap
 
