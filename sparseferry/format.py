@@ -50,7 +50,7 @@ class BitmapTensor:
     @property
     def nbytes(self) -> int:
         """Bytes stored (all five parts)."""
-        return 16 + sum(t.numel() * t.element_size() for t in (self.values, self.bitmask, self.row_offsets, self.block_offsets))
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
 
     @property
     def dense_nbytes(self) -> int:
@@ -65,14 +65,20 @@ class BitmapTensor:
         return BitmapTensor(self.shape, mv(self.values), mv(self.bitmask), mv(self.row_offsets), mv(self.block_offsets))
 
     def parts(self) -> dict[str, torch.Tensor]:
-        """The stored tensors, keyed by part name (suffix after `P.`)."""
-        return {
+        """The stored tensors, keyed by part name (suffix after `P.`).
+
+        block_offsets is stored only when a row spans several column blocks: with one block it is
+        all zeros, and readers recreate it.
+        """
+        parts = {
             "shape": torch.tensor(self.shape, dtype=torch.int64),
             "compressed": self.values,
             "bitmask": self.bitmask,
             "row_offsets": self.row_offsets,
-            "block_offsets": self.block_offsets,
         }
+        if self.block_offsets.shape[1] > 1:
+            parts["block_offsets"] = self.block_offsets
+        return parts
 
     @classmethod
     def from_parts(cls, parts: dict[str, torch.Tensor], name: str = "tensor") -> "BitmapTensor":
@@ -94,7 +100,10 @@ class BitmapTensor:
         block_offsets = parts.get("block_offsets")
         nblocks = (cols + BLOCK_COLS - 1) // BLOCK_COLS
         if block_offsets is None:
-            block_offsets = _block_offsets(_unpack(bitmask, cols))
+            if nblocks <= 1:  # one column block: every block starts at its row's start
+                block_offsets = torch.zeros(rows, nblocks, dtype=torch.int32, device=bitmask.device)
+            else:
+                block_offsets = _block_offsets(_unpack(bitmask, cols))
         elif block_offsets.dtype != torch.int32 or tuple(block_offsets.shape) != (rows, nblocks):
             raise FormatError(f"{name}.block_offsets: expected int32 {[rows, nblocks]}, got {block_offsets.dtype} {list(block_offsets.shape)}")
         return cls((rows, cols), values, bitmask, row_offsets, block_offsets)
@@ -173,7 +182,8 @@ def decode(bt: BitmapTensor, device=None, out: torch.Tensor | None = None) -> to
 def bitmap_nbytes(rows: int, cols: int, nnz: int, elem_bytes: int) -> int:
     """Stored bytes of the bitmap encoding (docs/FORMAT.md, 'Size')."""
     nblocks = (cols + BLOCK_COLS - 1) // BLOCK_COLS
-    return elem_bytes * nnz + rows * ((cols + 7) // 8) + 8 * rows + 4 * rows * nblocks + 16
+    block = 4 * rows * nblocks if nblocks > 1 else 0  # block_offsets, stored for rows of several blocks
+    return elem_bytes * nnz + rows * ((cols + 7) // 8) + 8 * rows + block + 16
 
 
 def worth_encoding(rows: int, cols: int, nnz: int, elem_bytes: int) -> bool:

@@ -163,23 +163,21 @@ def test_golden_layer_file_bytes(tmp_path):
     w = torch.tensor([[1, 0, 0, -2, 0, 0, 0, 0, 3, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0, 4]], dtype=torch.bfloat16)
     dst = tmp_path / "golden"
     with CheckpointWriter(dst, config={}, architecture="Toy", layers_prefix="model.layers", num_layers=1) as cw:
-        # from_bitmap: stored as a bitmap although, this small, the dense bytes (40) would be fewer (52)
+        # from_bitmap: stored as a bitmap although, this small, the dense bytes (40) would be fewer (44)
         cw.write_file(layer_file(0), [from_bitmap("model.layers.0.mlp.up_proj.weight", encode(w))], 0)
         cw.commit()
     p = "model.layers.0.mlp.up_proj"
     header = (
         f'{{"{p}.row_offsets":{{"dtype":"I64","shape":[2],"data_offsets":[0,16]}},'
         f'"{p}.shape":{{"dtype":"I64","shape":[2],"data_offsets":[16,32]}},'
-        f'"{p}.block_offsets":{{"dtype":"I32","shape":[2,1],"data_offsets":[32,40]}},'
-        f'"{p}.compressed":{{"dtype":"BF16","shape":[4],"data_offsets":[40,48]}},'
-        f'"{p}.bitmask":{{"dtype":"U8","shape":[2,2],"data_offsets":[48,52]}},'
+        f'"{p}.compressed":{{"dtype":"BF16","shape":[4],"data_offsets":[32,40]}},'
+        f'"{p}.bitmask":{{"dtype":"U8","shape":[2,2],"data_offsets":[40,44]}},'
         '"__metadata__":{"format":"sparseferry","format_version":"1"}}'
     ).encode()
     header += b" " * (-len(header) % 8)  # pad so that the data starts 8-byte aligned
     data = bytes.fromhex(
         "0000000000000000 0300000000000000"  # row_offsets [0, 3]
         "0200000000000000 0a00000000000000"  # shape [2, 10]
-        "00000000 00000000"                  # block_offsets [[0], [0]]
         "803f 00c0 4040 8040"                # compressed bf16 [1, -2, 3, 4]
         "0901 0002"                          # bitmask
     )
