@@ -258,3 +258,29 @@ def test_peak_rss_stays_under_budget_plus_allowance(tmp_path):
     assert grown <= r["budget"] + ACTIVATION_ALLOWANCE, (
         f"RSS grew by {grown / 2**20:.1f} MiB, budget {r['budget'] / 2**20:.1f} MiB + allowance "
         f"{ACTIVATION_ALLOWANCE / 2**20:.0f} MiB ({r['plan']})")
+
+
+def test_ctrl_c_during_generation_exits_130_without_a_traceback(tmp_path):
+    import signal
+    import time
+
+    folder, _ = make_checkpoint("llama", tmp_path, layers=4, max_position_embeddings=8192)
+    b = budgets(folder)["all-streamed"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "sparseferry.cli", "generate", str(folder), "--prompt", "hello",
+                             "--max-new-tokens", "6000", "--budget", str(b)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until the plan is printed: generation is under way
+            line = proc.stderr.readline()
+            if line.startswith("[budget") or not line:
+                break
+        time.sleep(1.0)
+        assert proc.poll() is None, "generation finished before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)  # no hang
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "interrupted" in err
