@@ -1,0 +1,175 @@
+"""`sparseferry bench`: the harness on a tiny synthetic model (outputs, token agreement, fair accounting) and its parts.
+
+Timings are never asserted: a benchmark's numbers belong in its report, not in a test.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparseferry.bench import SYSTEMS
+from sparseferry.bench.ceilings import bound_s_per_step, disk_read_gbps, memory_gbps
+from sparseferry.bench.measure import Pass, summarize
+from sparseferry.bench.report import plot_sweep, render_table, results_json
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BENCH_ARGS = ["--params", "1.5M", "--vocab", "512", "--budget", "50%", "--prompt-tokens", "8", "--new-tokens", "4",
+              "--warmup", "0", "--reps", "2", "--threads", "1", "-q"]
+
+
+pytestmark_e2e = pytest.mark.slow  # the end-to-end run: three worker processes, each importing transformers
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """`sparseferry bench` on a tiny synthetic llama, through the CLI: (out folder, results.json)."""
+    from sparseferry.cli import main
+
+    out = tmp_path_factory.mktemp("bench") / "results"
+    assert main(["bench", "--out", str(out), *BENCH_ARGS]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def greedy_reference(folder: Path, prompt_ids, new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy tokens for the folder, everything in RAM."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor(prompt_ids)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:].tolist()
+
+
+@pytestmark_e2e
+def test_outputs_written(run):
+    out, res = run
+    assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
+    md = (out / "results.md").read_text()
+    for s in SYSTEMS:
+        assert f"| {s.name} |" in md
+    assert res["machine"]["disk_read_GBps"] > 0 and res["machine"]["mem_GBps"] > 0
+    assert {"torch", "transformers", "accelerate", "sparseferry"} <= set(res["versions"])
+    assert [s["name"] for s in res["systems"]] == [s.name for s in SYSTEMS]
+    for s in res["systems"]:
+        for key in ("decode_s_per_token", "prefill_s", "tokens_per_s", "bytes_read_per_token", "speedup_vs_accelerate",
+                    "bound_fraction", "peak_rss_bytes"):
+            assert s[key] is not None and s[key] >= 0, (s["name"], key)
+        assert len(s["reps"]) == 2 and s["tokens_stable"]
+
+
+@pytestmark_e2e
+def test_every_system_decodes_the_tokens_transformers_decodes(run):
+    """Greedy decoding of the same prompt gives the same tokens in every system run on the same weights."""
+    _, res = run
+    setup = res["setup"]
+    prompt = json.loads(Path(res["setup"]["model_dir"], "synth.json").read_text())  # the folder is a synth folder
+    assert prompt["sparsity"] == 0.5
+    from sparseferry.bench.harness import prompt_ids
+
+    ids, _ = prompt_ids(setup["model_dir"], batch=setup["batch"], length=setup["prompt_tokens"])
+    expected = {"pruned": greedy_reference(Path(setup["model_dir"]), ids, setup["new_tokens"]),
+                "unpruned": greedy_reference(Path(setup["dense_dir"]), ids, setup["new_tokens"])}
+    for s in res["systems"]:
+        assert s["tokens"] == expected[s["weights"]], s["name"]
+    assert next(s for s in res["systems"] if s["name"] == "sparseferry-bitmap")["tokens_agree"] is True
+
+
+@pytestmark_e2e
+def test_same_budget_bytes_for_every_system_and_accelerate_really_offloads(run):
+    _, res = run
+    setup = res["setup"]
+    assert setup["budget_bytes"] == setup["dense_weight_bytes"] // 2  # 50% of the DENSE weights
+    acc = next(s for s in res["systems"] if s["name"] == "accelerate")
+    assert acc["weights_disk_bytes"] > 0 and 0 < acc["weights_ram_bytes"] <= setup["budget_bytes"]
+    assert acc["bytes_read_per_token"] > 0  # the page cache was emptied before each pass: it read from disk
+
+
+@pytestmark_e2e
+def test_sparseferry_reads_its_streamed_layers_from_disk_every_token(run):
+    _, res = run
+    for s in res["systems"]:
+        if s["runner"] == "sparseferry":
+            assert s["weights_disk_bytes"] > 0
+            if res["machine"]["disk_read_direct"] and s["bytes_read_per_token"]:
+                # the kernel's count: O_DIRECT reads (4 KiB aligned) of every streamed layer, per token
+                assert 0.95 * s["weights_disk_bytes"] <= s["bytes_read_per_token"] <= 1.2 * s["weights_disk_bytes"] + 2**20
+    bitmap = next(s for s in res["systems"] if s["name"] == "sparseferry-bitmap")
+    dense = next(s for s in res["systems"] if s["name"] == "sparseferry-dense")
+    assert bitmap["runtime_split"] is not None and "io_wait_s" in bitmap["runtime_split"]
+    assert bitmap["weights_disk_bytes"] + bitmap["weights_ram_bytes"] < dense["weights_disk_bytes"] + dense["weights_ram_bytes"]
+
+
+# -- the parts, on made-up numbers
+
+def _fake(step: float, disk: int, ram: int, tokens=((1, 2),)) -> dict:
+    return {"decode_s_per_step": step, "decode_s_per_token": step, "tokens_per_s": 1 / step, "prefill_s": 0.5,
+            "bytes_read_per_step": disk, "bytes_read_per_token": disk, "peak_rss_bytes": 10**9, "weights_disk_bytes": disk,
+            "weights_ram_bytes": ram, "tokens": [list(t) for t in tokens], "tokens_stable": True, "reps": []}
+
+
+def _results(storage="disk"):
+    machine = {"disk_read_GBps": 2.0, "disk_read_direct": True, "mem_GBps": 10.0, "cpu_count": 2, "load_average": [0, 0, 0]}
+    setup = {"batch": 1, "budget": "30%", "budget_bytes": 3 * 10**8, "dense_weight_bytes": 10**9, "storage": storage,
+             "prompt_tokens": 32, "new_tokens": 16, "dtype": "bfloat16", "reps": 3}
+    systems = [({"name": "accelerate", "runner": "accelerate", "weights": "pruned", "convert": {}, "baseline": True},
+                _fake(1.0, 7 * 10**8, 3 * 10**8)),
+               ({"name": "sparseferry-dense", "runner": "sparseferry", "weights": "unpruned", "convert": {}, "baseline": False},
+                _fake(0.5, 7 * 10**8, 3 * 10**8, tokens=((5, 6),))),
+               ({"name": "sparseferry-bitmap", "runner": "sparseferry", "weights": "pruned", "convert": {}, "baseline": False},
+                _fake(0.25, 4 * 10**8, 3 * 10**8, tokens=((1, 3),)))]
+    return results_json(machine=machine, versions={}, setup=setup, systems=systems, storage=storage)
+
+
+def test_speedup_bound_and_agreement_arithmetic():
+    rows = {s["name"]: s for s in _results()["systems"]}
+    assert rows["accelerate"]["speedup_vs_accelerate"] == 1.0
+    assert rows["sparseferry-bitmap"]["speedup_vs_accelerate"] == 4.0
+    assert rows["sparseferry-bitmap"]["bound_s_per_token"] == pytest.approx(0.2)  # 0.4 GB at 2 GB/s > 0.3 GB at 10 GB/s
+    assert rows["sparseferry-bitmap"]["bound_fraction"] == pytest.approx(0.8)
+    assert rows["sparseferry-bitmap"]["achieved_GBps"] == pytest.approx(1.6)
+    assert rows["sparseferry-bitmap"]["tokens_agree"] is False  # same weights as the baseline, other tokens
+    assert rows["sparseferry-dense"]["tokens_agree"] is None  # the only system on the unpruned weights
+    host = {s["name"]: s for s in _results("host")["systems"]}
+    assert host["sparseferry-bitmap"]["bound_s_per_token"] == pytest.approx(0.07)  # all 0.7 GB from RAM at 10 GB/s
+    table = render_table(_results())
+    assert "| sparseferry-bitmap | 250.0 |" in table and "4.00x" in table and "| NO |" in table
+
+
+def test_bound_is_the_larger_transfer_not_the_sum():
+    assert bound_s_per_step(2e9, 1e9, disk_gbps=1.0, mem_gbps=10.0) == pytest.approx(2.0)
+    assert bound_s_per_step(0, 5e9, disk_gbps=1.0, mem_gbps=10.0) == pytest.approx(0.5)
+
+
+def test_decode_time_runs_from_prefill_end_to_last_pass_without_cache_emptying():
+    passes = [Pass(2, 8, 0.0, 1.0, 100, 0.0), Pass(2, 1, 1.5, 2.0, 40, 0.25), Pass(2, 1, 2.5, 3.0, 60, 0.25)]
+    s = summarize(passes)
+    assert s["prefill_s"] == 1.0 and s["decode_steps"] == 2
+    assert s["decode_s_per_step"] == pytest.approx((3.0 - 1.0 - 0.5) / 2)
+    assert s["tokens_per_s"] == pytest.approx(2 / 0.75) and s["decode_s_per_token"] == pytest.approx(0.375)
+    assert s["bytes_read_per_step"] == 50 and s["bytes_read_per_token"] == 25
+
+
+def test_ceilings_measure_something(tmp_path):
+    f = tmp_path / "blob"
+    f.write_bytes(torch.randint(0, 255, (3 << 20,), dtype=torch.uint8).numpy().tobytes())
+    d = disk_read_gbps([tmp_path], block=1 << 20)
+    assert d["bytes"] == 3 << 20 and d["GBps"] > 0
+    assert memory_gbps(nbytes=8 << 20, reps=2)["GBps"] > 0
+
+
+def test_sweep_plot(tmp_path):
+    doc = {"storage": "disk", "points": [{"sparsity": s, "budget": b, "speedup_vs_accelerate": 1 + s * (1 if b == "30%" else 2)}
+                                         for s in (0.5, 0.7) for b in ("30%", "50%")]}
+    plot_sweep(doc, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_systems_list_is_one_line_per_system():
+    names = [s.name for s in SYSTEMS]
+    assert names[0] == "accelerate" and SYSTEMS[0].baseline and sum(s.baseline for s in SYSTEMS) == 1
+    assert {"sparseferry-dense", "sparseferry-bitmap"} <= set(names) and len(set(names)) == len(names)
