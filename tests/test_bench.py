@@ -20,7 +20,7 @@ BENCH_ARGS = ["--params", "1.5M", "--vocab", "512", "--budget", "50%", "--prompt
               "--warmup", "0", "--reps", "2", "--threads", "1", "-q"]
 
 
-pytestmark_e2e = pytest.mark.slow  # the end-to-end run: three worker processes, each importing transformers
+end_to_end = pytest.mark.slow  # the end-to-end run: three worker processes, each importing transformers
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def greedy_reference(folder: Path, prompt_ids, new_tokens: int) -> list[list[int
     return out[:, ids.shape[1]:].tolist()
 
 
-@pytestmark_e2e
+@end_to_end
 def test_outputs_written(run):
     out, res = run
     assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
@@ -62,7 +62,7 @@ def test_outputs_written(run):
         assert len(s["reps"]) == 2 and s["tokens_stable"]
 
 
-@pytestmark_e2e
+@end_to_end
 def test_every_system_decodes_the_tokens_transformers_decodes(run):
     """Greedy decoding of the same prompt gives the same tokens in every system run on the same weights."""
     _, res = run
@@ -79,7 +79,7 @@ def test_every_system_decodes_the_tokens_transformers_decodes(run):
     assert next(s for s in res["systems"] if s["name"] == "sparseferry-bitmap")["tokens_agree"] is True
 
 
-@pytestmark_e2e
+@end_to_end
 def test_same_budget_bytes_for_every_system_and_accelerate_really_offloads(run):
     _, res = run
     setup = res["setup"]
@@ -89,7 +89,7 @@ def test_same_budget_bytes_for_every_system_and_accelerate_really_offloads(run):
     assert acc["bytes_read_per_token"] > 0  # the page cache was emptied before each pass: it read from disk
 
 
-@pytestmark_e2e
+@end_to_end
 def test_sparseferry_reads_its_streamed_layers_from_disk_every_token(run):
     _, res = run
     for s in res["systems"]:
