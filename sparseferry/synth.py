@@ -158,23 +158,26 @@ def _seed_of(seed: int, name: str) -> int:
 def magnitude_prune_(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Zero exactly round(sparsity * numel) entries of `w`, those of smallest magnitude; in place.
 
-    Uses the k-th smallest |w| as threshold (linear time); ties at the threshold, which random
-    float32 values almost never have, fall back to a stable sort.
+    The k-th smallest |w| is found by selection (numpy's introselect, linear time) and used as the
+    threshold; ties at the threshold, which random float32 values almost never have, fall back to a
+    stable sort.
     """
+    import numpy as np
+
     k = round(sparsity * w.numel())
     if k == 0:
         return w
     flat = w.view(-1)
-    a = flat.abs()
     if k >= flat.numel():
         flat.zero_()
         return w
-    t = a.kthvalue(k).values
+    a = flat.abs()
+    t = float(np.partition(a.float().numpy(), k - 1)[k - 1])
     mask = a <= t
     if int(mask.sum()) != k:
         mask = torch.zeros_like(mask)
         mask[torch.argsort(a, stable=True)[:k]] = True
-    flat[mask] = 0
+    flat.masked_fill_(mask, 0)
     return w
 
 
