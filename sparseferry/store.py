@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import xxhash
 
-from .format import BLOCK_COLS, BitmapTensor, FormatError, decode, encode, worth_encoding
+from .encoder import encode_fast
+from .format import BLOCK_COLS, BitmapTensor, FormatError, decode, worth_encoding
 from .io import FileReader
 
 FORMAT_NAME = "sparseferry"
@@ -93,10 +94,10 @@ def prepare(name: str, w: torch.Tensor, sparse: bool) -> StoredTensor:
     """Choose the storage of a parameter: bitmap when asked for and it saves bytes, else dense."""
     w = w.detach()
     if sparse and w.dim() == 2 and w.dtype in _DTYPE_NAMES:
-        nnz = int(torch.count_nonzero(w))
-        if worth_encoding(w.shape[0], w.shape[1], nnz, w.element_size()):
-            return from_bitmap(name, encode(w))
-        return StoredTensor(name, "dense", w.dtype, tuple(w.shape), nnz, {"dense": w})
+        bt = encode_fast(w)
+        if worth_encoding(w.shape[0], w.shape[1], bt.nnz, w.element_size()):
+            return from_bitmap(name, bt)
+        return StoredTensor(name, "dense", w.dtype, tuple(w.shape), bt.nnz, {"dense": w})
     nnz = int(torch.count_nonzero(w)) if w.is_floating_point() else w.numel()
     return StoredTensor(name, "dense", w.dtype, tuple(w.shape), nnz, {"dense": w})
 
