@@ -23,10 +23,10 @@ from sparseferry.store import CheckpointError, open_checkpoint
 from conftest import ARCHS, make_checkpoint
 
 
-def budgets(ckpt_dir) -> dict[str, object]:
+def budgets(ckpt_dir, slots: bool = False) -> dict[str, object]:
     """Named budgets covering every tier mix for a checkpoint."""
     ckpt = open_checkpoint(ckpt_dir)
-    minimum = make_plan(ckpt, None).minimum_bytes
+    minimum = make_plan(ckpt, None, slots=slots).minimum_bytes
     layer = ckpt.stored_bytes(ckpt.layer_tensors(0))
     return {
         "all-dense": None,
@@ -47,14 +47,14 @@ def test_streamed_logits_equal_dense_transformers(arch, dtype, tmp_path):
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
     want = oracle_logits(ref, ids)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
-    for label, budget in budgets(folder).items():
-        for storage in ("disk", "host"):
-            model = sparseferry.load(folder, memory_budget=budget, storage=storage)
+    for storage, slots in (("disk", False), ("host", False), ("disk", True)):  # slots: the CUDA schedule
+        for label, budget in budgets(folder, slots).items():
+            model = sparseferry.load(folder, memory_budget=budget, storage=storage, slots=slots)
             try:
                 got = oracle_logits(model, ids)
             finally:
                 model.sparseferry.close()
-            torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{arch} {label} {storage}: {m}")
+            torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{arch} {label} {storage} slots={slots}: {m}")
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])

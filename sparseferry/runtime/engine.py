@@ -9,7 +9,6 @@ batching and the KV cache are exactly transformers'.
 """
 from __future__ import annotations
 
-import os
 import resource
 import time
 import types
@@ -50,14 +49,25 @@ def _set_param(model: nn.Module, name: str, value: torch.Tensor | nn.Parameter) 
     mod._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
 
 
-def _fused_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """nn.Linear.forward, multiplying from the compressed weight when the pipeline handed one over."""
-    bt = self._sf_bitmap
-    if bt is not None:
-        from ..kernels import sparse_matmul
+def _bitmap_forward(self: nn.Module, *args, **kwargs):
+    """forward of a module whose weight the pipeline handed over compressed (CPU).
 
+    nn.Linear at small batch: the fused kernel multiplies from the bitmap. Otherwise the weight is
+    decompressed into the engine's scratch buffer (one matrix, reused by every module in turn) and
+    the module's own forward runs on it.
+    """
+    bt = self._sf_bitmap
+    if bt is None:
+        return self._sf_forward(*args, **kwargs)
+    from ..kernels import MATVEC_MAX_BATCH, decompress, sparse_matmul
+
+    x = args[0] if args else next(iter(kwargs.values()))
+    if type(self) is nn.Linear and x.numel() // x.shape[-1] <= MATVEC_MAX_BATCH:
         return sparse_matmul(x, bt, self.bias)
-    return torch.nn.functional.linear(x, self.weight, self.bias)
+    rows, cols = bt.shape
+    w = self._sf_scratch[: rows * cols * bt.values.element_size()].view(bt.dtype).view(rows, cols)
+    self._parameters["weight"] = nn.Parameter(decompress(bt, out=w), requires_grad=False)
+    return self._sf_forward(*args, **kwargs)
 
 
 def _rss_bytes() -> int:
@@ -88,38 +98,30 @@ class StreamingEngine:
         self.compute_s = 0.0
         self._pass_t0 = None
         self._handles = []
-        self.fused_linears = {i: set() for i in plan.streamed}
-        self.fused = self._enable_fused()
+        self.scratch = None
+        if self.pipeline is not None and self.pipeline.mode == "views":
+            self._patch_bitmap_modules()
         self._install_hooks()
 
-    def _enable_fused(self) -> bool:
-        """Whether decode steps may multiply straight from the compressed weights (CPU, native kernels,
-        every bitmap-encoded weight of a streamed layer belonging to an nn.Linear)."""
-        if self.pipeline is None or self.device.type != "cpu" or os.environ.get("SPARSEFERRY_FUSED", "1") == "0":
-            return False
-        try:
-            from ..kernels import kernel_path
+    def _patch_bitmap_modules(self) -> None:
+        """CPU: modules whose weight is bitmap-encoded in a streamed layer compute from it directly."""
+        from ..io import aligned_empty
 
-            if kernel_path("cpu") == "torch":
-                return False
-        except ImportError:
-            return False
+        self.scratch = aligned_empty(self.plan.scratch_bytes) if self.plan.scratch_bytes else None
         for i in self.plan.streamed:
             plen = len(f"{self.ckpt.layers_prefix}.{i}.")
             for name in self.ckpt.layer_tensors(i):
-                if self.ckpt.tensors[name].encoding != "bitmap":
+                if self.ckpt.tensors[name].encoding == "dense":
                     continue
-                mod_name = name[plen:].rpartition(".")[0]
+                mod_name, _, leaf = name[plen:].rpartition(".")
                 mod = self.layers[i].get_submodule(mod_name)
-                if type(mod) is not nn.Linear or not name.endswith(".weight"):
-                    return False
-                self.fused_linears[i].add(mod_name)
-        for i, names in self.fused_linears.items():
-            for mod_name in names:
-                mod = self.layers[i].get_submodule(mod_name)
-                mod._sf_bitmap = None
-                mod.forward = types.MethodType(_fused_linear_forward, mod)
-        return True
+                if leaf != "weight":
+                    raise CheckpointError(f"{self.ckpt.path}: {name} is bitmap-encoded but is not a module's weight")
+                if "_sf_forward" not in mod.__dict__:
+                    mod._sf_forward = mod.forward
+                    mod._sf_bitmap = None
+                    mod._sf_scratch = self.scratch
+                    mod.forward = types.MethodType(_bitmap_forward, mod)
 
     # -- hooks: the schedule's compute side
     def _install_hooks(self) -> None:
@@ -136,12 +138,9 @@ class StreamingEngine:
 
         def pre(module, args):
             for rel, t in self.pipeline.acquire(i).items():  # wait(n)
-                mod_name, _, leaf = rel.rpartition(".")
-                if isinstance(t, BitmapTensor):  # fused mode: the linear multiplies from the bitmap
-                    layer.get_submodule(mod_name)._sf_bitmap = t
+                if isinstance(t, BitmapTensor):  # views mode: the module computes from the bitmap
+                    layer.get_submodule(rel.rpartition(".")[0])._sf_bitmap = t
                 else:
-                    if leaf == "weight" and mod_name in self.fused_linears[i]:
-                        layer.get_submodule(mod_name)._sf_bitmap = None
                     _set_param(layer, rel, t)
             self._layer_t0 = time.perf_counter()
 
@@ -159,11 +158,6 @@ class StreamingEngine:
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         shape = tuple(ids.shape[:2]) if ids is not None else (1, 1)
-        if self.pipeline is not None:
-            from ..kernels import MATVEC_MAX_BATCH
-
-            small = shape[0] * (shape[1] if len(shape) > 1 else 1) <= MATVEC_MAX_BATCH
-            self.pipeline.set_mode("fused" if self.fused and small else "dense")
         ps = self.pipeline.stats if self.pipeline else None
         self._pass_t0 = (time.perf_counter(), shape, ps.bytes_read if ps else 0, ps.wait_s if ps else 0.0,
                          ps.decompress_s if ps else 0.0)
@@ -225,7 +219,8 @@ class StreamingEngine:
 
 
 def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direct_io: bool = True,
-         verify: bool = True, nslots: int = 2, nreadbufs: int = 2, decompress_threads: int | None = None,
+         verify: bool = True, nslots: int = 2, nreadbufs: int = 2, slots: bool | None = None,
+         decompress_threads: int | None = None,
          attn_implementation: str | None = None) -> nn.Module:
     """Load a sparseferry checkpoint as a HuggingFace causal LM that streams what does not fit.
 
@@ -239,6 +234,9 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
             cache unless direct_io=False) or "host" (compressed in host memory; pinned on CUDA).
         verify: check each layer's checksum every time it is read from disk.
         nslots / nreadbufs: dense slots and read buffers of the streaming pipeline (more = deeper prefetch).
+        slots: decompress whole streamed layers into dense slots ahead of compute (default: on CUDA).
+            Otherwise (default on CPU) layers compute from the compressed bytes where they lie: fused
+            sparse matmul for small batches, one matrix at a time through a scratch buffer for large.
     Returns:
         the transformers model; `model.sparseferry` is its StreamingEngine (plan, summary(), close()).
     Raises:
@@ -270,7 +268,10 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
     if missing:
         raise CheckpointError(f"{ckpt.path}: no weights for {', '.join(missing[:5])}")
     budget = parse_budget(memory_budget, ckpt.stored_bytes())
-    plan = make_plan(ckpt, budget, storage=storage, nslots=nslots, nreadbufs=nreadbufs)
+    use_slots = dev.type == "cuda" if slots is None else slots
+    if dev.type == "cuda" and not use_slots:
+        raise RuntimeLoadError("slots=False is only supported on the CPU")
+    plan = make_plan(ckpt, budget, storage=storage, nslots=nslots, nreadbufs=nreadbufs, slots=use_slots)
     layers = model.get_submodule(info.layers_prefix)
 
     # 1. non-layer weights and dense-resident layers: decoded once, on the device

@@ -13,11 +13,11 @@ compressed (or in host memory) skip the read; disk layers are read with direct I
 is verified before anything is decompressed. On CUDA the copy to the device and the decompression
 run on a side stream; a slot is reused only after the compute stream has finished with it (event).
 
-In "fused" mode (CPU, small batches: decode steps) there is no decompression at all: the compute
-side gets the compressed views themselves (from the read buffer, or the resident bytes) and the
-layer's linear layers multiply straight from the bitmap format (`kernels.sparse_matmul`), reading
-9 bits per weight instead of writing and re-reading 16. A read buffer is then held until release(n).
-The mode is chosen per forward pass; switching drains the pipeline.
+On the CPU (no slots, "views" mode) there is no decompression stage at all: the compute side gets
+the compressed views themselves (from the read buffer, or the resident bytes) and the layer's
+linear layers multiply straight from the bitmap format (`kernels.sparse_matmul`), reading 9 bits
+per weight instead of writing and re-reading 16, or decompress one matrix at a time into a scratch
+buffer for large batches. A read buffer is then held until release(n).
 
 If layers are ever used out of order (a forward pass that raised, a model that skips layers), the
 pipeline drains and restarts at the requested layer: it can never hand out a slot holding the wrong layer.
@@ -92,8 +92,7 @@ class Pipeline:
         self.decompress_threads = decompress_threads
         self.prefix = {s.index: f"{ckpt.layers_prefix}.{s.index}." for s in sources}
         # dense slots: one tensor per relative parameter name, sized for the largest layer
-        # Each slot is one raw byte buffer carved into a typed region per parameter; in fused mode
-        # (no decompression) the same bytes serve as extra read buffers, deepening the read-ahead.
+        # Each slot is one raw byte buffer carved into a typed region per parameter.
         layout, nbytes = {}, 0
         for rel, (numel, dt) in slot_shapes.items():
             nbytes += (-nbytes) % 64
@@ -105,15 +104,14 @@ class Pipeline:
                       for raw in self.slot_raw]
         any_disk = any(s.tier == "disk" for s in sources)
         self.readbufs = [aligned_empty(readbuf_bytes, pin=self.cuda) for _ in range(nreadbufs)] if any_disk else []
-        # read buffers of fused mode: the read buffers, then the slots' bytes where a layer fits
-        self.fused_bufs = self.readbufs + ([r for r in self.slot_raw if r.numel() >= readbuf_bytes] if any_disk else [])
         any_copy = self.cuda and any(s.tier in ("disk", "host") for s in sources)
         stage_bytes = max((s.end - s.start for s in sources), default=0)
         self.staging = [torch.empty(stage_bytes, dtype=torch.uint8, device=device) for _ in range(max(nreadbufs, 1))] if any_copy else []
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.slot_free_event: list = [None] * nslots
         self.stats = PipelineStats()
-        self.mode = "dense"  # or "fused": hand out compressed views, no decompression
+        # "slots": decompress whole layers into dense slots (CUDA); "views": hand out the compressed views
+        self.mode = "slots" if nslots else "views"
         self.cv = threading.Condition()
         self.threads: list[threading.Thread] = []
         self._reset(base=0)
@@ -130,7 +128,7 @@ class Pipeline:
         self.stop = False
         self.broken = False  # a stage failed: the next acquire restarts from scratch
         self.done_layer: dict[int, int] = {}  # n -> the layer its slot (or views) now holds
-        self.fused_ready: dict[int, dict] = {}  # n -> compressed views (fused mode)
+        self.views_ready: dict[int, dict] = {}  # n -> compressed views (views mode)
 
     def layer_of(self, n: int) -> int:
         return self.order[(self.base + n) % len(self.order)]
@@ -171,13 +169,13 @@ class Pipeline:
         while True:
             with self.cv:
                 # readbuf[n % R] is free once its previous user is done with it: decompressed, or
-                # (fused mode) released by compute.
-                fused = self.mode == "fused"
-                nbufs = (len(self.fused_bufs) or len(self.order)) if fused else max(self.R, 1)
-                if not self._wait_for(lambda: n - (self.released_n if fused else self.decomp_n) < nbufs):
+                # (views mode) released by compute. Resident layers need no buffer: read ahead freely.
+                views = self.mode == "views"
+                nbufs = (len(self.readbufs) or len(self.order)) if views else max(self.R, 1)
+                if not self._wait_for(lambda: n - (self.released_n if views else self.decomp_n) < nbufs):
                     return
             try:
-                views = self._read(n)
+                item = self._read(n)
             except BaseException as e:  # noqa: BLE001 - handed to the compute side
                 with self.cv:
                     self.error = e
@@ -186,7 +184,7 @@ class Pipeline:
             with self.cv:
                 if self.stop:
                     return
-                self.pending[n] = views
+                self.pending[n] = item
                 self.read_n = n + 1
                 self.cv.notify_all()
             n += 1
@@ -196,8 +194,7 @@ class Pipeline:
         if src.tier != "disk":
             return {"data": src.data, "index": src.index}
         t0 = time.perf_counter()
-        bufs = self.fused_bufs if self.mode == "fused" else self.readbufs
-        buf = bufs[n % len(bufs)]
+        buf = self.readbufs[n % len(self.readbufs)]
         data = src.reader.read_range(src.start, src.end, buf)
         views = self.ckpt.layer_views(src.index, data, verify=self.verify)  # raises on checksum mismatch
         self.stats.read_s += time.perf_counter() - t0
@@ -209,16 +206,16 @@ class Pipeline:
         n = 0
         while True:
             with self.cv:
-                fused = self.mode == "fused"
-                slots = (len(self.fused_bufs) or len(self.order)) if fused else self.K
+                views = self.mode == "views"
+                slots = (len(self.readbufs) or len(self.order)) if views else self.K
                 if not self._wait_for(lambda: n < self.read_n and n - self.released_n < slots):
                     return
                 item = self.pending.pop(n)
             try:
-                if fused:
-                    views = item.get("views") or self.ckpt.layer_views(item["index"], item["data"], verify=False)
+                if views:
+                    v = item.get("views") or self.ckpt.layer_views(item["index"], item["data"], verify=False)
                     with self.cv:
-                        self.fused_ready[n] = views
+                        self.views_ready[n] = v
                 else:
                     self._decompress_into(n, item)
             except BaseException as e:  # noqa: BLE001
@@ -286,14 +283,14 @@ class Pipeline:
                 self.cv.wait(0.1)
             if self.done_layer.pop(n) != layer:  # cannot happen: sequence numbers map to layers
                 raise RuntimeError(f"streaming pipeline out of step: layer {layer} wanted at step {n}")
-            fused = self.fused_ready.pop(n, None)
+            views = self.views_ready.pop(n, None)
         dt = time.perf_counter() - t0
         self.stats.wait_s += dt
         self.stats.per_layer_wait[layer] = self.stats.per_layer_wait.get(layer, 0.0) + dt
         self.stats.uses += 1
-        if fused is not None:
+        if views is not None:
             plen = len(self.prefix[layer])
-            return {name[plen:]: v for name, v in fused.items()}
+            return {name[plen:]: v for name, v in views.items()}
         return self._slot_views(n % self.K, layer)
 
     def _slot_views(self, k: int, i: int) -> dict[str, torch.Tensor]:
@@ -320,18 +317,6 @@ class Pipeline:
             self.cur = n + 1
             self.released_n = n + 1
             self.cv.notify_all()
-
-    def set_mode(self, mode: str) -> None:
-        """"dense" (decompress into slots) or "fused" (hand out compressed views); drains on a change."""
-        if mode == self.mode:
-            return
-        if mode == "dense" and self.K == 0:
-            raise ValueError("dense mode needs decompression slots")
-        self.shutdown()
-        with self.cv:
-            nxt = (self.base + self.cur) % len(self.order) if self.order else 0
-            self.mode = mode
-            self._reset(base=nxt)
 
     def _restart(self, layer: int) -> None:
         self.shutdown()

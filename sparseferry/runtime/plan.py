@@ -7,7 +7,7 @@ Tiers, fastest first:
   disk        compressed in the checkpoint files: read (bypassing the page cache) at each use
 
 The planner puts the non-layer weights (embeddings, norms, lm_head) on the device first, reserves the
-streaming buffers (dense slots and read buffers), then makes as many decoder layers resident as fit,
+streaming buffers (dense slots or a scratch matrix, and read buffers), then makes as many decoder layers resident as fit,
 compressed first (it lets more fit), then upgrades layers to dense with what is left.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ class Plan:
     slot_bytes: int  # bytes of one slot (the largest layer, dense)
     nreadbufs: int  # buffers compressed layers are read into (disk tier)
     readbuf_bytes: int
+    scratch_bytes: int  # CPU: one dense matrix, for decompress + matmul at large batch
     minimum_bytes: int  # the smallest budget that works (everything streamed)
     notes: list[str] = field(default_factory=list)
 
@@ -47,7 +48,8 @@ class Plan:
     @property
     def device_bytes(self) -> int:
         """Everything the budget covers: resident weights plus streaming buffers."""
-        total = self.fixed_bytes + self.nslots * self.slot_bytes + self.nreadbufs * self.readbuf_bytes
+        total = (self.fixed_bytes + self.nslots * self.slot_bytes + self.nreadbufs * self.readbuf_bytes
+                 + self.scratch_bytes)
         for t, d, s in zip(self.tiers, self.layer_dense_bytes, self.layer_stored_bytes):
             total += d if t == "dense" else s if t == "compressed" else 0
         return total
@@ -75,66 +77,80 @@ def layer_sizes(ckpt: Checkpoint) -> tuple[list[int], list[int], list[int]]:
     return dense, stored, readbuf
 
 
-def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslots: int = 2, nreadbufs: int = 2) -> Plan:
+def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslots: int = 2, nreadbufs: int = 2,
+              slots: bool = False) -> Plan:
     """Fill the budget (bytes) as described in the module docstring; BudgetError if it cannot work.
 
-    Residency comes first: the pipeline is as deep as `nslots` slots and `nreadbufs` read buffers
-    allow without making fewer layers resident than the shallowest pipeline (one of each) would.
-    A deeper pipeline overlaps more; a resident layer is not read at all.
+    With `slots` (CUDA) a streamed layer is decompressed whole into one of `nslots` dense slots (on
+    a side stream, overlapping compute). Without (CPU) there are no slots: linear layers multiply
+    from the compressed bytes where they lie (fused kernel), or decompress one matrix at a time into
+    a scratch buffer the size of the largest matrix for large batches.
+
+    Residency comes first: the pipeline is as deep as `nslots` / `nreadbufs` allow without making
+    fewer layers resident than the shallowest pipeline would. A deeper pipeline overlaps more; a
+    resident layer is not read at all.
     """
     if storage not in ("disk", "host"):
         raise BudgetError(f"storage must be 'disk' or 'host', got {storage!r}")
-    depths = sorted({(min(k, nslots), min(r, nreadbufs)) for k, r in ((1, 1), (2, 1), (2, 2), (nslots, nreadbufs))})
-    smallest = _minimum(ckpt, storage, *depths[0])
-    base = _plan(ckpt, budget, storage, *depths[0])  # raises BudgetError stating the true minimum
+    cpu = not slots
+    cands = ((0, 1), (0, 2), (0, nreadbufs)) if cpu else ((1, 1), (2, 1), (2, 2), (nslots, nreadbufs))
+    depths = sorted({(min(k, nslots) if not cpu else 0, max(min(r, nreadbufs), 1)) for k, r in cands})
+    base = _plan(ckpt, budget, storage, *depths[0], cpu=cpu)  # raises BudgetError stating the true minimum
     best = base
     resident = lambda p: sum(t in RESIDENT for t in p.tiers)  # noqa: E731
     for k, r in depths[1:]:
         try:
-            p = _plan(ckpt, budget, storage, k, r)
+            p = _plan(ckpt, budget, storage, k, r, cpu=cpu)
         except BudgetError:
             continue
         if resident(p) >= resident(base):
             best = p
-    return dataclasses.replace(best, minimum_bytes=smallest)
+    return dataclasses.replace(best, minimum_bytes=base.minimum_bytes)
 
 
-def _minimum(ckpt: Checkpoint, storage: str, nslots: int, nreadbufs: int) -> int:
-    dense, _, readbuf = layer_sizes(ckpt)
-    return (ckpt.dense_bytes(ckpt.non_layer_tensors()) + nslots * max(dense, default=0)
-            + (nreadbufs * max(readbuf, default=0) if storage == "disk" else 0))
+def scratch_bytes(ckpt: Checkpoint) -> int:
+    """Dense bytes of the largest bitmap-encoded matrix inside the decoder layers."""
+    return max((t.dense_bytes for t in ckpt.tensors.values() if t.layer is not None and t.encoding != "dense"), default=0)
 
 
-def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nreadbufs: int) -> Plan:
+def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nreadbufs: int, cpu: bool) -> Plan:
     n = ckpt.num_layers
     dense, stored, readbuf = layer_sizes(ckpt)
     fixed = ckpt.dense_bytes(ckpt.non_layer_tensors())
     slot = max(dense, default=0)
     rbuf = max(readbuf, default=0)
-    stream_cost = nslots * slot + (nreadbufs * rbuf if storage == "disk" else 0)
+    scratch = scratch_bytes(ckpt) if cpu else 0
+    reads = storage == "disk"
+    stream_cost = nslots * slot + (nreadbufs * rbuf if reads else 0) + scratch
     minimum = fixed + stream_cost
     common = dict(budget=budget, storage=storage, fixed_bytes=fixed, layer_dense_bytes=tuple(dense),
                   layer_stored_bytes=tuple(stored), minimum_bytes=minimum)
     if budget is None or budget >= fixed + sum(dense):
-        return Plan(tiers=("dense",) * n, nslots=0, slot_bytes=0, nreadbufs=0, readbuf_bytes=rbuf, **common)
+        return Plan(tiers=("dense",) * n, nslots=0, slot_bytes=0, nreadbufs=0, readbuf_bytes=rbuf, scratch_bytes=0, **common)
     if budget < minimum:
-        raise BudgetError(
-            f"memory budget {format_bytes(budget)} is below the minimum {format_bytes(minimum)} for this model "
-            f"({format_bytes(fixed)} of embeddings/norms/head + {nslots} x {format_bytes(slot)} decompression slots"
-            + (f" + {nreadbufs} x {format_bytes(rbuf)} read buffers" if storage == "disk" else "") + ")")
-    tiers = ["disk" if storage == "disk" else "host"] * n
+        parts = [f"{format_bytes(fixed)} of embeddings/norms/head"]
+        if nslots:
+            parts.append(f"{nslots} x {format_bytes(slot)} decompression slots")
+        if reads:
+            parts.append(f"{nreadbufs} x {format_bytes(rbuf)} read buffers")
+        if scratch:
+            parts.append(f"{format_bytes(scratch)} scratch for the largest matrix")
+        raise BudgetError(f"memory budget {format_bytes(budget)} is below the minimum {format_bytes(minimum)} "
+                          f"for this model ({' + '.join(parts)})")
+    tiers = ["disk" if reads else "host"] * n
     avail = budget - fixed - stream_cost
     for i in range(n):  # as many layers resident as fit, compressed
         if stored[i] <= avail:
             tiers[i], avail = "compressed", avail - stored[i]
-    if all(t == "compressed" for t in tiers) and storage == "disk":
+    nreadbufs_used = nreadbufs if reads else 0
+    if all(t == "compressed" for t in tiers) and reads:
         avail += nreadbufs * rbuf  # nothing is read from disk any more: no read buffers
         nreadbufs_used = 0
-    else:
-        nreadbufs_used = nreadbufs if storage == "disk" else 0
     for i in range(n):  # then upgrade to dense with what is left
         if tiers[i] == "compressed" and dense[i] - stored[i] <= avail:
             tiers[i], avail = "dense", avail - (dense[i] - stored[i])
-    nslots_used = nslots if any(t != "dense" for t in tiers) else 0
+    streaming = any(t != "dense" for t in tiers)
+    nslots_used = nslots if streaming else 0
     return Plan(tiers=tuple(tiers), nslots=nslots_used, slot_bytes=slot if nslots_used else 0,
-                nreadbufs=nreadbufs_used, readbuf_bytes=rbuf, **common)
+                nreadbufs=nreadbufs_used if streaming else 0, readbuf_bytes=rbuf,
+                scratch_bytes=scratch if streaming else 0, **common)
