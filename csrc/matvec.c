@@ -7,6 +7,8 @@
  *   AVX2, C: decode 1024 columns of the row into a stack buffer with the same row decoders as
  *            decompress.c (it stays in L1), then dot it with each row of x.
  * Accumulation is in fp32 throughout; x and y are fp32 (the Python wrapper converts).
+ * Quantized values (sf_matvec_q): each row's values are first dequantized into a per-thread scratch
+ * row of the output dtype (dequant.c), which then takes the place of the packed values above.
  */
 #include "sf_kernels.h"
 
@@ -103,9 +105,30 @@ AVX2_TARGET static float dot_avx2(int dtype, const void *w, const float *x, int6
 }
 #endif
 
-static void matvec_decode_dot(int path, int dtype, int64_t rows, int64_t cols, const char *vals,
-                              const char *vals_end, const uint8_t *bitmask, const int64_t *row_offsets,
-                              int64_t nnz, const float *x, int64_t batch, float *y, int nt, int64_t *bad) {
+/* The values of row r, after checking it: the packed values themselves (plain), or the row
+ * dequantized into `scratch` (quantized, q != NULL). Sets [*src, *src_end); returns 0 for a bad row. */
+static int row_values(int path, const sf_quant *q, int dtype, int64_t r, int64_t rows, int64_t cols, int64_t nnz,
+                      const char *vals, const uint8_t *mask, const int64_t *row_offsets, char *scratch,
+                      const char **src, const char **src_end) {
+    const int es = dtype == SF_F32 ? 4 : 2;
+    int64_t start, end = nnz;
+    if (!sf_row_span(r, rows, cols, nnz, mask, row_offsets, &start)) return 0;
+    if (!q) {
+        *src = vals + start * es;
+        *src_end = vals + nnz * es;
+        return 1;
+    }
+    if (r + 1 < rows) memcpy(&end, row_offsets + r + 1, 8);
+    if (!sf_quant_row_ok(q, r, start, end - start)) return 0;
+    sf_dequant_row(path, q, r, start, end - start, dtype, scratch);
+    *src = scratch;
+    *src_end = scratch + (end - start) * es;
+    return 1;
+}
+
+static void matvec_decode_dot(int path, const sf_quant *q, int dtype, int64_t rows, int64_t cols, const char *vals,
+                              const uint8_t *bitmask, const int64_t *row_offsets, int64_t nnz, const float *x,
+                              int64_t batch, float *y, int nt, int64_t *bad) {
     const int es = dtype == SF_F32 ? 4 : 2;
     const int64_t mask_stride = (cols + 7) / 8;
     sf_row_decoder decode_row = sf_pick_row_decoder(path, es);
@@ -113,23 +136,28 @@ static void matvec_decode_dot(int path, int dtype, int64_t rows, int64_t cols, c
 #if SF_X86
     if (path == SF_PATH_AVX2) dot = dot_avx2;
 #endif
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        uint32_t buf[CHUNK]; /* one chunk of the row, in the value dtype */
-        const uint8_t *m = bitmask + r * mask_stride;
-        for (int64_t b = 0; b < batch; b++) y[b * rows + r] = 0.0f;
-        int64_t start;
-        if (!sf_row_span(r, rows, cols, nnz, m, row_offsets, &start)) {
+#pragma omp parallel num_threads(nt)
+    {
+        char *scratch = q ? malloc((size_t)(cols * es) + 64) : NULL; /* one dequantized row */
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            uint32_t buf[CHUNK]; /* one chunk of the row, in the value dtype */
+            const uint8_t *m = bitmask + r * mask_stride;
+            for (int64_t b = 0; b < batch; b++) y[b * rows + r] = 0.0f;
+            const char *src, *src_end;
+            if ((q && !scratch) ||
+                !row_values(path, q, dtype, r, rows, cols, nnz, vals, m, row_offsets, scratch, &src, &src_end)) {
 #pragma omp atomic write
-            *bad = r;
-            continue;
+                *bad = q && !scratch ? -2 : r;
+                continue;
+            }
+            for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {
+                int64_t n = cols - c0 < CHUNK ? cols - c0 : CHUNK;
+                src += es * decode_row(src, src_end, m + c0 / 8, n, buf);
+                for (int64_t b = 0; b < batch; b++) y[b * rows + r] += dot(dtype, buf, x + b * cols + c0, n);
+            }
         }
-        const char *src = vals + start * es;
-        for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {
-            int64_t n = cols - c0 < CHUNK ? cols - c0 : CHUNK;
-            src += es * decode_row(src, vals_end, m + c0 / 8, n, buf);
-            for (int64_t b = 0; b < batch; b++) y[b * rows + r] += dot(dtype, buf, x + b * cols + c0, n);
-        }
+        free(scratch);
     }
 }
 
@@ -236,9 +264,9 @@ static inline float x_at(const void *x, int x_dtype, int64_t i) {
     return x_dtype == SF_BF16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
 }
 
-static int64_t matvec_avx512(int dtype, int64_t rows, int64_t cols, const char *vals, const uint8_t *bitmask,
-                             const int64_t *row_offsets, int64_t nnz, const void *x, int x_dtype, int64_t batch,
-                             float *y, int nt) {
+static int64_t matvec_avx512(const sf_quant *q, int dtype, int64_t rows, int64_t cols, const char *vals,
+                             const uint8_t *bitmask, const int64_t *row_offsets, int64_t nnz, const void *x,
+                             int x_dtype, int64_t batch, float *y, int nt) {
     const int es = dtype == SF_F32 ? 4 : 2;
     const int64_t mask_stride = (cols + 7) / 8, xs = (cols + 31) / 32 * 32;
     int mode = dtype == SF_F32 ? MODE_F32 : dtype == SF_F16 ? MODE_F16 : MODE_BF16;
@@ -264,39 +292,46 @@ static int64_t matvec_avx512(int dtype, int64_t rows, int64_t cols, const char *
     }
     const row_group_fn *fns = g_row_groups[mode];
     int64_t bad = -1;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *m = bitmask + r * mask_stride;
-        int64_t start;
-        if (!sf_row_span(r, rows, cols, nnz, m, row_offsets, &start)) {
-            for (int64_t b = 0; b < batch; b++) y[b * rows + r] = 0.0f;
+#pragma omp parallel num_threads(nt)
+    {
+        char *scratch = q ? malloc((size_t)(cols * es) + 64) : NULL; /* one dequantized row */
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const uint8_t *m = bitmask + r * mask_stride;
+            const char *src, *src_end;
+            if ((q && !scratch) ||
+                !row_values(SF_PATH_AVX512, q, dtype, r, rows, cols, nnz, vals, m, row_offsets, scratch, &src,
+                            &src_end)) {
+                for (int64_t b = 0; b < batch; b++) y[b * rows + r] = 0.0f;
 #pragma omp atomic write
-            bad = r;
-            continue;
+                bad = q && !scratch ? -2 : r;
+                continue;
+            }
+            /* Groups of GROUP rows of x; after the first, the row of W comes from L1/L2, not memory. */
+            for (int64_t b0 = 0; b0 < batch; b0 += GROUP) {
+                int nb = batch - b0 < GROUP ? (int)(batch - b0) : GROUP;
+                float acc[GROUP];
+                fns[nb - 1](src, m, cols, xp + b0 * xs * xe, xs, acc);
+                for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = acc[b];
+            }
         }
-        /* Groups of GROUP rows of x; after the first, the row of W comes from L1/L2, not memory. */
-        for (int64_t b0 = 0; b0 < batch; b0 += GROUP) {
-            int nb = batch - b0 < GROUP ? (int)(batch - b0) : GROUP;
-            float acc[GROUP];
-            fns[nb - 1](vals + start * es, m, cols, xp + b0 * xs * xe, xs, acc);
-            for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = acc[b];
-        }
+        free(scratch);
     }
     free(xp);
     return bad;
 }
 #endif /* SF_X86 */
 
-int64_t sf_matvec(int path, int dtype, int64_t rows, int64_t cols, const void *values, int64_t nnz,
-                  const uint8_t *bitmask, const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch,
-                  float *y, int threads) {
+static int64_t matvec_any(int path, const sf_quant *q, int dtype, int64_t rows, int64_t cols, const void *values,
+                          int64_t nnz, const uint8_t *bitmask, const int64_t *row_offsets, const void *x, int x_dtype,
+                          int64_t batch, float *y, int threads) {
     const int es = dtype == SF_F32 ? 4 : 2;
     const char *vals = (const char *)values;
     /* Work scales with the bytes of W read, not the output size. */
     int nt = sf_threads_for(threads, rows, rows * cols * es / 2);
 #if SF_X86
     if (path == SF_PATH_AVX512)
-        return matvec_avx512(dtype, rows, cols, vals, bitmask, row_offsets, nnz, x, x_dtype, batch, y, nt);
+        return matvec_avx512(q, dtype, rows, cols, vals, bitmask, row_offsets, nnz, x, x_dtype, batch, y, nt);
 #endif
     /* The decode-dot paths read fp32 x. */
     float *xf = NULL;
@@ -306,8 +341,20 @@ int64_t sf_matvec(int path, int dtype, int64_t rows, int64_t cols, const void *v
         for (int64_t i = 0; i < batch * cols; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
     }
     int64_t bad = -1;
-    matvec_decode_dot(path, dtype, rows, cols, vals, vals + nnz * es, bitmask, row_offsets, nnz,
-                      xf ? xf : (const float *)x, batch, y, nt, &bad);
+    matvec_decode_dot(path, q, dtype, rows, cols, vals, bitmask, row_offsets, nnz, xf ? xf : (const float *)x, batch,
+                      y, nt, &bad);
     free(xf);
     return bad;
+}
+
+int64_t sf_matvec(int path, int dtype, int64_t rows, int64_t cols, const void *values, int64_t nnz,
+                  const uint8_t *bitmask, const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch,
+                  float *y, int threads) {
+    return matvec_any(path, NULL, dtype, rows, cols, values, nnz, bitmask, row_offsets, x, x_dtype, batch, y, threads);
+}
+
+int64_t sf_matvec_q(int path, const sf_quant *q, int out_dtype, int64_t rows, int64_t cols, int64_t nnz,
+                    const uint8_t *bitmask, const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch,
+                    float *y, int threads) {
+    return matvec_any(path, q, out_dtype, rows, cols, NULL, nnz, bitmask, row_offsets, x, x_dtype, batch, y, threads);
 }

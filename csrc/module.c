@@ -68,10 +68,82 @@ static PyObject *py_matvec(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(bad);
 }
 
+/* The quantized-values description shared by decompress_q and matvec_q. */
+static int parse_quant(int qbits, unsigned long long codes, unsigned long long scales, unsigned long long zeros,
+                       unsigned long long group_offsets, long long group_size, long long nscales, sf_quant *q) {
+    if (qbits != 8 && qbits != 4) {
+        PyErr_Format(PyExc_ValueError, "qbits %d not 8 or 4", qbits);
+        return 0;
+    }
+    if (group_size < 1 || nscales < 0 || (qbits == 8 && zeros) || (qbits == 4 && !zeros && nscales > 0)) {
+        PyErr_Format(PyExc_ValueError, "bad quantization (group_size %lld, nscales %lld, zeros %s)", group_size, nscales,
+                     zeros ? "given" : "absent");
+        return 0;
+    }
+    q->qbits = qbits;
+    q->codes = (const uint8_t *)(uintptr_t)codes;
+    q->scales = (const uint16_t *)(uintptr_t)scales;
+    q->zeros = zeros ? (const uint8_t *)(uintptr_t)zeros : NULL;
+    q->group_offsets = (const int64_t *)(uintptr_t)group_offsets;
+    q->group_size = group_size;
+    q->nscales = nscales;
+    return 1;
+}
+
+/* decompress_q(path, qbits, out_dtype, rows, cols, nnz, codes, scales, zeros, group_offsets, group_size, nscales,
+ *              bitmask, row_offsets, out, threads) -> bad_row        (zeros: 0 for int8) */
+static PyObject *py_decompress_q(PyObject *self, PyObject *args) {
+    (void)self;
+    int path, qbits, out_dtype, threads;
+    long long rows, cols, nnz, group_size, nscales;
+    unsigned long long codes, scales, zeros, group_offsets, bitmask, row_offsets, out;
+    if (!PyArg_ParseTuple(args, "iiiLLLKKKKLLKKKi", &path, &qbits, &out_dtype, &rows, &cols, &nnz, &codes, &scales,
+                          &zeros, &group_offsets, &group_size, &nscales, &bitmask, &row_offsets, &out, &threads))
+        return NULL;
+    if (!check_path(path)) return NULL;
+    if (out_dtype < SF_F32 || out_dtype > SF_F16) return PyErr_Format(PyExc_ValueError, "dtype code %d unknown", out_dtype);
+    sf_quant q;
+    if (!parse_quant(qbits, codes, scales, zeros, group_offsets, group_size, nscales, &q)) return NULL;
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = sf_decompress_q(path, &q, out_dtype, rows, cols, nnz, (const uint8_t *)(uintptr_t)bitmask,
+                          (const int64_t *)(uintptr_t)row_offsets, (void *)(uintptr_t)out, threads < 1 ? 1 : threads);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(bad);
+}
+
+/* matvec_q(path, qbits, out_dtype, rows, cols, nnz, codes, scales, zeros, group_offsets, group_size, nscales,
+ *          bitmask, row_offsets, x, x_dtype, batch, y, threads) -> bad_row */
+static PyObject *py_matvec_q(PyObject *self, PyObject *args) {
+    (void)self;
+    int path, qbits, out_dtype, x_dtype, threads;
+    long long rows, cols, nnz, group_size, nscales, batch;
+    unsigned long long codes, scales, zeros, group_offsets, bitmask, row_offsets, x, y;
+    if (!PyArg_ParseTuple(args, "iiiLLLKKKKLLKKKiLKi", &path, &qbits, &out_dtype, &rows, &cols, &nnz, &codes, &scales,
+                          &zeros, &group_offsets, &group_size, &nscales, &bitmask, &row_offsets, &x, &x_dtype, &batch,
+                          &y, &threads))
+        return NULL;
+    if (!check_path(path)) return NULL;
+    if (out_dtype < SF_F32 || out_dtype > SF_F16) return PyErr_Format(PyExc_ValueError, "dtype code %d unknown", out_dtype);
+    if (x_dtype != SF_F32 && x_dtype != SF_BF16) return PyErr_Format(PyExc_ValueError, "x dtype code %d", x_dtype);
+    sf_quant q;
+    if (!parse_quant(qbits, codes, scales, zeros, group_offsets, group_size, nscales, &q)) return NULL;
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = sf_matvec_q(path, &q, out_dtype, rows, cols, nnz, (const uint8_t *)(uintptr_t)bitmask,
+                      (const int64_t *)(uintptr_t)row_offsets, (const void *)(uintptr_t)x, x_dtype, batch,
+                      (float *)(uintptr_t)y, threads < 1 ? 1 : threads);
+    Py_END_ALLOW_THREADS
+    if (bad == -2) return PyErr_NoMemory();
+    return PyLong_FromLongLong(bad);
+}
+
 static PyMethodDef methods[] = {
     {"supported_paths", py_supported_paths, METH_NOARGS, "Bit set of runnable paths: 1<<0 c, 1<<1 avx2, 1<<2 avx512."},
     {"decompress", py_decompress, METH_VARARGS, "Bitmap -> dense; returns -1 or the index of an inconsistent row."},
     {"matvec", py_matvec, METH_VARARGS, "y = x @ W.T from the bitmap; returns -1 or an inconsistent row."},
+    {"decompress_q", py_decompress_q, METH_VARARGS, "Quantized bitmap -> dense, dequantizing; -1 or a bad row."},
+    {"matvec_q", py_matvec_q, METH_VARARGS, "y = x @ W.T from a quantized bitmap; -1 or a bad row."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -46,7 +46,37 @@ int64_t sf_matvec(int path, int dtype, int64_t rows, int64_t cols, const void *v
                   const uint8_t *bitmask, const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch,
                   float *y, int threads);
 
-/* ---- shared by decompress.c and matvec.c ---- */
+/* ---- quantized values (docs/FORMAT.md, section 1b; dequant.c) ---- */
+
+/* The quantized values of one matrix. Value i of row r (first value s) is in group
+ * group_offsets[r] + (i - s) / group_size; it dequantizes to (code(i) - zeros[g]) * scales[g],
+ * code(i) = (int8)codes[i] (qbits 8, zeros NULL) or nibble i & 1 (low first) of codes[i / 2] (qbits 4). */
+typedef struct {
+    int qbits;                    /* 8 or 4 */
+    const uint8_t *codes;         /* int8 [nnz] or uint8 [ceil(nnz / 2)] */
+    const uint16_t *scales;       /* fp16 [nscales] */
+    const uint8_t *zeros;         /* uint8 [nscales] (qbits 4) or NULL */
+    const int64_t *group_offsets; /* [rows]: index in scales of each row's first group */
+    int64_t group_size;           /* >= 1 (cols for one group per row) */
+    int64_t nscales;
+} sf_quant;
+
+/* out[rows, cols] of out_dtype (SF_F32/SF_BF16/SF_F16) = the dequantized decode; returns -1 or a bad row
+ * (row_offsets inconsistent with the bitmask, or group_offsets pointing outside scales). */
+int64_t sf_decompress_q(int path, const sf_quant *q, int out_dtype, int64_t rows, int64_t cols, int64_t nnz,
+                        const uint8_t *bitmask, const int64_t *row_offsets, void *out, int threads);
+
+/* sf_matvec with quantized values dequantized (to out_dtype, one row at a time) before the multiply. */
+int64_t sf_matvec_q(int path, const sf_quant *q, int out_dtype, int64_t rows, int64_t cols, int64_t nnz,
+                    const uint8_t *bitmask, const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch,
+                    float *y, int threads);
+
+/* Row r's n values (first value `start`) refer only to groups inside scales. */
+int sf_quant_row_ok(const sf_quant *q, int64_t r, int64_t start, int64_t n);
+/* dst[0..n) = row r's n dequantized values (first value `start`), in out_dtype. */
+void sf_dequant_row(int path, const sf_quant *q, int64_t r, int64_t start, int64_t n, int out_dtype, void *dst);
+
+/* ---- shared by decompress.c, dequant.c and matvec.c ---- */
 
 /* Values [start, end) of row r, after checking consistency (see above); returns 0 if bad. */
 int sf_row_span(int64_t r, int64_t rows, int64_t cols, int64_t nnz, const uint8_t *mask_row,

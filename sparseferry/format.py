@@ -1,7 +1,9 @@
 """The bitmap sparse encoding of one matrix (docs/FORMAT.md, section 1), in plain torch.
 
 `encode` and `decode` here are the reference: slow, obviously correct, any device. The fast
-kernels in `sparseferry.kernels` are tested against them.
+kernels in `sparseferry.kernels` are tested against them. `QuantBitmapTensor` is the same layout
+with quantized non-zero values (int8 / int4 codes plus per-group scales, docs/FORMAT.md section 1b);
+the quantizers and its reference dequantization live in `sparseferry.quant`.
 """
 from __future__ import annotations
 
@@ -16,6 +18,11 @@ BLOCK_COLS = 1024  # B of P.block_offsets: columns per block (a multiple of 8)
 VALUE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The standard compressed-tensors part names, and our extension.
 PARTS = ("shape", "compressed", "bitmask", "row_offsets", "block_offsets")
+# Quantized value formats (docs/FORMAT.md, 1b): name -> bits per code. Their parts replace
+# `compressed` by `codes`, `scales` and (int4) `zeros`.
+QUANT_FORMATS = {"int8": 8, "int4": 4}
+QUANT_PARTS = ("shape", "codes", "scales", "zeros", "bitmask", "row_offsets", "block_offsets")
+SCALE_DTYPE = torch.float16  # of P.scales (why fp16: docs/FORMAT.md, 1b)
 _BIT = None  # lazily built per device: tensor([1, 2, 4, ..., 128], uint8)
 
 
@@ -83,30 +90,157 @@ class BitmapTensor:
     @classmethod
     def from_parts(cls, parts: dict[str, torch.Tensor], name: str = "tensor") -> "BitmapTensor":
         """Assemble from stored parts, checking their shapes; computes block_offsets if absent."""
-        for p in ("shape", "compressed", "bitmask", "row_offsets"):
-            if p not in parts:
-                raise FormatError(f"{name}: missing part {name}.{p}")
-        shp = parts["shape"]
-        if shp.dtype != torch.int64 or shp.numel() != 2:
-            raise FormatError(f"{name}.shape: expected int64 [2], got {shp.dtype} {list(shp.shape)}")
-        rows, cols = (int(v) for v in shp.tolist())
+        rows, cols = _check_layout(parts, name, ("shape", "compressed", "bitmask", "row_offsets"))
         values, bitmask, row_offsets = parts["compressed"], parts["bitmask"], parts["row_offsets"]
         if values.dtype not in VALUE_DTYPES or values.dim() != 1:
             raise FormatError(f"{name}.compressed: expected 1-D bf16/fp16/fp32, got {values.dtype} {list(values.shape)}")
-        if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, (cols + 7) // 8):
-            raise FormatError(f"{name}.bitmask: expected uint8 {[rows, (cols + 7) // 8]}, got {bitmask.dtype} {list(bitmask.shape)}")
-        if row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (rows,):
-            raise FormatError(f"{name}.row_offsets: expected int64 [{rows}], got {row_offsets.dtype} {list(row_offsets.shape)}")
-        block_offsets = parts.get("block_offsets")
-        nblocks = (cols + BLOCK_COLS - 1) // BLOCK_COLS
-        if block_offsets is None:
-            if nblocks <= 1:  # one column block: every block starts at its row's start
-                block_offsets = torch.zeros(rows, nblocks, dtype=torch.int32, device=bitmask.device)
-            else:
-                block_offsets = _block_offsets(_unpack(bitmask, cols))
-        elif block_offsets.dtype != torch.int32 or tuple(block_offsets.shape) != (rows, nblocks):
-            raise FormatError(f"{name}.block_offsets: expected int32 {[rows, nblocks]}, got {block_offsets.dtype} {list(block_offsets.shape)}")
-        return cls((rows, cols), values, bitmask, row_offsets, block_offsets)
+        return cls((rows, cols), values, bitmask, row_offsets, _stored_block_offsets(parts, name, rows, cols))
+
+
+def _check_layout(parts: dict[str, torch.Tensor], name: str, required) -> tuple[int, int]:
+    """(rows, cols) from the shape part, after checking the parts common to both value kinds."""
+    for p in required:
+        if p not in parts:
+            raise FormatError(f"{name}: missing part {name}.{p}")
+    shp = parts["shape"]
+    if shp.dtype != torch.int64 or shp.numel() != 2:
+        raise FormatError(f"{name}.shape: expected int64 [2], got {shp.dtype} {list(shp.shape)}")
+    rows, cols = (int(v) for v in shp.tolist())
+    bitmask, row_offsets = parts["bitmask"], parts["row_offsets"]
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, (cols + 7) // 8):
+        raise FormatError(f"{name}.bitmask: expected uint8 {[rows, (cols + 7) // 8]}, got {bitmask.dtype} {list(bitmask.shape)}")
+    if row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (rows,):
+        raise FormatError(f"{name}.row_offsets: expected int64 [{rows}], got {row_offsets.dtype} {list(row_offsets.shape)}")
+    return rows, cols
+
+
+def _stored_block_offsets(parts: dict[str, torch.Tensor], name: str, rows: int, cols: int) -> torch.Tensor:
+    """The block_offsets part, checked, or recomputed from the bitmask when it is not stored."""
+    block_offsets = parts.get("block_offsets")
+    bitmask = parts["bitmask"]
+    nblocks = (cols + BLOCK_COLS - 1) // BLOCK_COLS
+    if block_offsets is None:
+        if nblocks <= 1:  # one column block: every block starts at its row's start
+            return torch.zeros(rows, nblocks, dtype=torch.int32, device=bitmask.device)
+        return _block_offsets(_unpack(bitmask, cols))
+    if block_offsets.dtype != torch.int32 or tuple(block_offsets.shape) != (rows, nblocks):
+        raise FormatError(f"{name}.block_offsets: expected int32 {[rows, nblocks]}, got {block_offsets.dtype} {list(block_offsets.shape)}")
+    return block_offsets
+
+
+def _groups_per_row(row_offsets: torch.Tensor, nnz: int, group_size: int, cols: int) -> torch.Tensor:
+    """[rows] int64: ceil(n_r / G), G = group_size, or cols for group_size 0 (one group per non-empty row)."""
+    g = group_size if group_size > 0 else max(cols, 1)
+    ends = torch.cat([row_offsets[1:], torch.tensor([nnz], dtype=torch.int64, device=row_offsets.device)])
+    return torch.div(ends - row_offsets + (g - 1), g, rounding_mode="floor")
+
+
+def group_offsets(row_offsets: torch.Tensor, nnz: int, group_size: int, cols: int) -> torch.Tensor:
+    """[rows] int64: index in `scales` of the first group of each row (docs/FORMAT.md, 1b).
+
+    Row r's n_r non-zeros fall in ceil(n_r / G) groups, the last one short; G = group_size, or cols
+    for group_size 0 (one group per non-empty row).
+    """
+    ngroups = _groups_per_row(row_offsets, nnz, group_size, cols)
+    return ngroups.cumsum(0) - ngroups
+
+
+def num_groups(row_offsets: torch.Tensor, nnz: int, group_size: int, cols: int) -> int:
+    """Length of `scales`: the sum over rows of ceil(n_r / G)."""
+    return int(_groups_per_row(row_offsets, nnz, group_size, cols).sum())
+
+
+@dataclass
+class QuantBitmapTensor(BitmapTensor):
+    """A bitmap matrix whose non-zero values are stored quantized (docs/FORMAT.md, section 1b).
+
+    The positions (bitmask, row_offsets, block_offsets) are exactly those of `BitmapTensor`; the
+    value of the i-th non-zero, in group g = group_offsets[r] + (i - row_offsets[r]) // G, is
+        int8:  codes[i] * scales[g]                    (codes int8 [nnz], symmetric, |code| <= 127)
+        int4:  (nibble(i) - zeros[g]) * scales[g]      (codes uint8 [ceil(nnz/2)], value i in the
+                                                        low nibble of byte i//2 when i is even)
+    computed in fp32 (exact: an 8-bit integer times an fp16) and rounded once to `out_dtype`.
+
+    values:        the codes (int8 [nnz] or uint8 [ceil(nnz/2)])
+    scales:        [ngroups] fp16
+    zeros:         [ngroups] uint8 in [0, 15] (int4), None (int8)
+    value_format:  "int8" | "int4"
+    group_size:    G, values per group counted over a row's non-zeros; 0 = one group per row
+    out_dtype:     the dense dtype decode and the kernels produce (the source matrix's)
+    count:         nnz, the number of non-zeros (set bits)
+    group_offsets: [rows] int64, derived from row_offsets (see `group_offsets`), never stored
+    """
+
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    value_format: str
+    group_size: int
+    out_dtype: torch.dtype
+    count: int
+    group_offsets: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.out_dtype
+
+    @property
+    def nnz(self) -> int:
+        return self.count
+
+    @property
+    def qbits(self) -> int:
+        return QUANT_FORMATS[self.value_format]
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.out_dtype.itemsize
+
+    @property
+    def device(self) -> torch.device:
+        return self.bitmask.device
+
+    def to(self, device, non_blocking: bool = False) -> "QuantBitmapTensor":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return QuantBitmapTensor(self.shape, mv(self.values), mv(self.bitmask), mv(self.row_offsets),
+                                 mv(self.block_offsets), mv(self.scales), mv(self.zeros), self.value_format,
+                                 self.group_size, self.out_dtype, self.count, mv(self.group_offsets))
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stored tensors: shape, codes, scales, zeros (int4), bitmask, row_offsets, block_offsets (wide rows)."""
+        parts = {"shape": torch.tensor(self.shape, dtype=torch.int64), "codes": self.values, "scales": self.scales}
+        if self.zeros is not None:
+            parts["zeros"] = self.zeros
+        parts["bitmask"] = self.bitmask
+        parts["row_offsets"] = self.row_offsets
+        if self.block_offsets.shape[1] > 1:
+            parts["block_offsets"] = self.block_offsets
+        return parts
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, torch.Tensor], name: str = "tensor", *, value_format: str = "int8",
+                   group_size: int = 0, out_dtype: torch.dtype = torch.bfloat16, nnz: int = 0) -> "QuantBitmapTensor":
+        """Assemble from stored parts plus the manifest's value_format, group_size, dtype and nnz; checks every shape."""
+        if value_format not in QUANT_FORMATS:
+            raise FormatError(f"{name}: unknown value encoding {value_format!r} (expected one of {', '.join(QUANT_FORMATS)})")
+        if out_dtype not in VALUE_DTYPES:
+            raise FormatError(f"{name}: dequantized dtype {out_dtype} unsupported (expected bf16, fp16 or fp32)")
+        if not isinstance(group_size, int) or group_size < 0:
+            raise FormatError(f"{name}: group_size {group_size!r} must be a non-negative integer (0 = per row)")
+        int4 = value_format == "int4"
+        rows, cols = _check_layout(parts, name, ("shape", "codes", "scales", "bitmask", "row_offsets") + (("zeros",) if int4 else ()))
+        codes, scales, row_offsets = parts["codes"], parts["scales"], parts["row_offsets"]
+        want = (torch.uint8, (nnz + 1) // 2) if int4 else (torch.int8, nnz)
+        if codes.dtype != want[0] or tuple(codes.shape) != (want[1],):
+            raise FormatError(f"{name}.codes: expected {want[0]} [{want[1]}] for {nnz} {value_format} values, got {codes.dtype} {list(codes.shape)}")
+        ngroups = num_groups(row_offsets, nnz, group_size, cols)
+        if scales.dtype != SCALE_DTYPE or tuple(scales.shape) != (ngroups,):
+            raise FormatError(f"{name}.scales: expected {SCALE_DTYPE} [{ngroups}], got {scales.dtype} {list(scales.shape)}")
+        zeros = parts.get("zeros") if int4 else None
+        if int4 and (zeros.dtype != torch.uint8 or tuple(zeros.shape) != (ngroups,)):
+            raise FormatError(f"{name}.zeros: expected uint8 [{ngroups}], got {zeros.dtype} {list(zeros.shape)}")
+        return cls((rows, cols), codes, parts["bitmask"], row_offsets, _stored_block_offsets(parts, name, rows, cols),
+                   scales, zeros, value_format, group_size, out_dtype, nnz,
+                   group_offsets(row_offsets, nnz, group_size, cols))
 
 
 def _bits(device) -> torch.Tensor:
@@ -161,8 +295,13 @@ def encode(w: torch.Tensor) -> BitmapTensor:
 def decode(bt: BitmapTensor, device=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Reference decompression to a dense [rows, cols] matrix on `device` (default: where bt lives).
 
+    A QuantBitmapTensor is dequantized on the way (`quant.decode_quant`), to its out_dtype.
     With `out`, writes into that preallocated tensor (shape and dtype must match) and returns it.
     """
+    if isinstance(bt, QuantBitmapTensor):
+        from .quant import decode_quant
+
+        return decode_quant(bt, device=device, out=out)
     device = torch.device(device) if device is not None else bt.device
     if bt.device != device:
         bt = bt.to(device)

@@ -10,6 +10,9 @@ CPU: the native extension (csrc/), picking the best path this CPU runs (AVX-512 
 missing, the pure-torch reference (`sparseferry.format.decode`) is used, with a one-time notice.
 CUDA: Triton (`triton_kernels.py`), or the torch reference if triton is not installed.
 Every path is bit-exact to `format.decode` (decompress); the fused matmul accumulates in fp32.
+Quantized matrices (`format.QuantBitmapTensor`, int8 / int4 values) go through the same API: every
+path dequantizes while it decompresses (one pass, no dense intermediate), bit-exact to the
+reference `quant.decode_quant`; the fused CPU matvec dequantizes each row into a scratch row first.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SparseferryError
-from ..format import VALUE_DTYPES, BitmapTensor, FormatError
+from ..format import SCALE_DTYPE, VALUE_DTYPES, BitmapTensor, FormatError, QuantBitmapTensor
 
 try:
     from .. import _native
@@ -50,6 +50,9 @@ def _check_part(t: torch.Tensor, name: str, dtype, shape: tuple[int, ...]) -> No
 def check_bitmap(bt: BitmapTensor) -> None:
     """Raise KernelError unless bt's parts are CPU, contiguous, of the dtypes and shapes of FORMAT.md."""
     rows, cols = bt.shape
+    if isinstance(bt, QuantBitmapTensor):
+        _check_quant(bt)
+        return
     if bt.values.dtype not in VALUE_DTYPES:
         raise KernelError(f"bitmap values: dtype {bt.values.dtype}, expected one of bf16, fp16, fp32")
     _check_part(bt.values, "compressed", None, (bt.values.numel(),))
@@ -57,11 +60,38 @@ def check_bitmap(bt: BitmapTensor) -> None:
     _check_part(bt.row_offsets, "row_offsets", torch.int64, (rows,))
 
 
+def _check_quant(qbt: QuantBitmapTensor) -> None:
+    rows, cols = qbt.shape
+    if qbt.out_dtype not in VALUE_DTYPES:
+        raise KernelError(f"quantized bitmap: out dtype {qbt.out_dtype}, expected one of bf16, fp16, fp32")
+    int4 = qbt.value_format == "int4"
+    ncodes = (qbt.nnz + 1) // 2 if int4 else qbt.nnz
+    _check_part(qbt.values, "codes", torch.uint8 if int4 else torch.int8, (ncodes,))
+    ng = qbt.scales.numel()
+    _check_part(qbt.scales, "scales", SCALE_DTYPE, (ng,))
+    if int4:
+        _check_part(qbt.zeros, "zeros", torch.uint8, (ng,))
+    elif qbt.zeros is not None:
+        raise KernelError("quantized bitmap: int8 values take no zero points")
+    _check_part(qbt.group_offsets, "group_offsets", torch.int64, (rows,))
+    _check_part(qbt.bitmask, "bitmask", torch.uint8, (rows, (cols + 7) // 8))
+    _check_part(qbt.row_offsets, "row_offsets", torch.int64, (rows,))
+
+
+def _quant_args(qbt: QuantBitmapTensor) -> tuple:
+    """(qbits, out dtype code, rows, cols, nnz, codes, scales, zeros, group_offsets, G, nscales) for the extension."""
+    rows, cols = qbt.shape
+    g = qbt.group_size if qbt.group_size > 0 else max(cols, 1)
+    return (qbt.qbits, _DTYPE_CODES[qbt.out_dtype], rows, cols, qbt.nnz, qbt.values.data_ptr(), qbt.scales.data_ptr(),
+            qbt.zeros.data_ptr() if qbt.zeros is not None else 0, qbt.group_offsets.data_ptr(), g, qbt.scales.numel())
+
+
 def _raise_bad_row(bt: BitmapTensor, row: int) -> None:
     rows, cols = bt.shape
+    groups = ", or its group_offsets point outside scales" if isinstance(bt, QuantBitmapTensor) else ""
     raise FormatError(
         f"bitmap matrix [{rows}, {cols}] (nnz {bt.nnz}): row {row} is inconsistent: its row_offsets span "
-        f"does not match its set bits (or row_offsets[0] != 0, or the last row does not end at nnz)"
+        f"does not match its set bits (or row_offsets[0] != 0, or the last row does not end at nnz{groups})"
     )
 
 
@@ -69,6 +99,12 @@ def decompress(bt: BitmapTensor, out: torch.Tensor, *, path: str, threads: int) 
     """Fill `out` ([rows, cols], bt's dtype, CPU, contiguous: checked by the caller) with the decode of bt."""
     check_bitmap(bt)
     rows, cols = bt.shape
+    if isinstance(bt, QuantBitmapTensor):  # dequantized on the way (csrc/dequant.c)
+        bad = _native.decompress_q(PATHS[path], *_quant_args(bt), bt.bitmask.data_ptr(), bt.row_offsets.data_ptr(),
+                                   out.data_ptr(), threads) if rows and cols else -1
+        if bad >= 0:
+            _raise_bad_row(bt, bad)
+        return out
     if rows and cols:
         bad = _native.decompress(
             PATHS[path], bt.values.element_size(), rows, cols, bt.values.data_ptr(), bt.nnz,
@@ -87,7 +123,12 @@ def matvec(x: torch.Tensor, bt: BitmapTensor, *, path: str, threads: int) -> tor
     x = (x if x.dtype == torch.bfloat16 else x.to(torch.float32)).contiguous()
     batch = x.shape[0]
     y = torch.empty(batch, rows, dtype=torch.float32)
-    if batch and rows:
+    if batch and rows and isinstance(bt, QuantBitmapTensor):  # each row dequantized, then multiplied
+        bad = _native.matvec_q(PATHS[path], *_quant_args(bt), bt.bitmask.data_ptr(), bt.row_offsets.data_ptr(),
+                               x.data_ptr(), _DTYPE_CODES[x.dtype], batch, y.data_ptr(), threads)
+        if bad >= 0:
+            _raise_bad_row(bt, bad)
+    elif batch and rows:
         bad = _native.matvec(
             PATHS[path], _DTYPE_CODES[bt.dtype], rows, cols, bt.values.data_ptr(), bt.nnz, bt.bitmask.data_ptr(),
             bt.row_offsets.data_ptr(), x.data_ptr(), _DTYPE_CODES[x.dtype], batch, y.data_ptr(), threads,
