@@ -43,6 +43,15 @@ def io_read_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident set of this process image (VmHWM). Not ru_maxrss: that survives execve, so a worker
+    would report its parent's peak (the parent forked it with its own high-water mark)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
