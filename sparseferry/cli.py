@@ -18,10 +18,13 @@ def _cmd_convert(a) -> int:
     from .convert import convert
 
     stats = convert(a.src, a.dst, encode_lm_head=a.encode_lm_head, encode_embeddings=a.encode_embeddings,
-                    dtype=a.dtype, force=a.force, progress=not a.quiet)
+                    dtype=a.dtype, values=a.values, group_size=a.group_size, force=a.force, progress=not a.quiet)
     ratio = stats["stored_bytes"] / stats["dense_bytes"] if stats["dense_bytes"] else 1.0
     print(f"wrote {a.dst}: {stats['tensors']} tensors, {stats['dense_bytes'] / 1e9:.3f} GB dense -> "
           f"{stats['stored_bytes'] / 1e9:.3f} GB stored ({ratio:.3f}x), {stats['seconds']:.1f} s, {stats['gbps']:.2f} GB/s")
+    if stats.get("quantized"):
+        print(f"{stats['quantized']} matrices with {a.values} values, worst relative error {stats['max_rel_error']:.4f} "
+              f"(per layer: sparseferry inspect {a.dst})")
     return 0
 
 
@@ -143,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encode-lm-head", action="store_true", help="also store lm_head in the bitmap format")
     p.add_argument("--encode-embeddings", action="store_true", help="also store the embeddings in the bitmap format")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="cast weights (default: keep)")
+    p.add_argument("--values", choices=["bf16", "fp16", "int8", "int4"],
+                   help="non-zero values of the bitmap-encoded matrices: cast, or quantized (int8 symmetric, "
+                        "int4 asymmetric; default: as they are)")
+    p.add_argument("--group-size", type=int, default=128, metavar="G",
+                   help="int8/int4: non-zeros per scale along a row, 0 = one scale per row (default 128)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists (only once the new one is complete)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)

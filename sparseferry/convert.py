@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .format import BitmapTensor, FormatError
+from .format import BitmapTensor, FormatError, decode
 from .hf import ModelError, info_from_config_dict, normalize_key, read_config_dict
 from .store import (EXTRA_FILE, CheckpointError, CheckpointWriter, StoredTensor, from_bitmap, layer_file, prepare)
 
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# --values: how the non-zero values of bitmap-encoded matrices are stored (docs/FORMAT.md, 1 and 1b)
+VALUE_FORMATS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": "int8", "int4": "int4"}
 _COPY_SKIP = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _CT_PARTS = ("shape", "compressed", "bitmask", "row_offsets")
 
@@ -101,15 +103,20 @@ def sparse_bitmask_config(cfg: dict) -> dict | None:
 
 
 def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool = False, dtype: str | None = None,
-            force: bool = False, progress: bool = True) -> dict:
+            values: str | None = None, group_size: int = 128, force: bool = False, progress: bool = True) -> dict:
     """Convert a HuggingFace folder `src` into a sparseferry checkpoint at `dst`.
 
     Args:
         encode_lm_head / encode_embeddings: also store those matrices in the bitmap format.
         dtype: cast floating-point weights to "bfloat16" / "float16" / "float32" (default: keep).
+        values: the non-zero values of the bitmap-encoded matrices: "bf16" / "fp16" (cast; only those
+            matrices, --dtype casts everything) or "int8" / "int4" (quantized, docs/FORMAT.md 1b; they
+            dequantize to the matrix's dtype). Default: as they are.
+        group_size: non-zeros per quantization group along a row (int8/int4); 0 = one scale per row.
         force: replace an existing `dst` (only once the new checkpoint is complete).
     Returns:
-        statistics: tensors, dense_bytes, stored_bytes, seconds, GB/s (dense GB processed per second).
+        statistics: tensors, dense_bytes, stored_bytes, seconds, GB/s (dense GB processed per second);
+        with quantized values also quantized (tensors) and max_rel_error (worst ||W - W'|| / ||W||).
     Raises:
         ConvertError / CheckpointError / ModelError with the file and tensor at fault.
     """
@@ -124,6 +131,12 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
         if dtype not in VALUE_DTYPES:
             raise ConvertError(f"unsupported --dtype {dtype!r} (choose from {', '.join(VALUE_DTYPES)})")
         cast = VALUE_DTYPES[dtype]
+    if values is not None and values not in VALUE_FORMATS:
+        raise ConvertError(f"unsupported --values {values!r} (choose from {', '.join(VALUE_FORMATS)})")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
+        raise ConvertError(f"--group-size {group_size!r}: expected a non-negative integer (0 = one group per row)")
+    quant = values if values in ("int8", "int4") else None
+    value_cast = VALUE_FORMATS[values] if values is not None and quant is None else None
     _, meta_model, info = info_from_config_dict(cfg)
     rename = _source_key_renamer(meta_model)
     weights = SourceWeights(src)
@@ -171,6 +184,10 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
                 raise ConvertError(f"{src}: {e}") from None
             if cast is not None and bt.dtype != cast:
                 bt.values = bt.values.to(cast)
+            if value_cast is not None and bt.dtype != value_cast:
+                bt.values = bt.values.to(value_cast)
+            if quant is not None:
+                return prepare(name, decode(bt), sparse=True, values=quant, group_size=group_size)
             return from_bitmap(name, bt)
         w = weights.get(dense_src[name])
         if cast is not None and w.is_floating_point():
@@ -181,7 +198,9 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
                     else "integer (quantized) weights cannot be stored in the bitmap format")
             raise ConvertError(f"{weights._where[dense_src[name]]}: tensor {dense_src[name]} has dtype {w.dtype}; "
                                f"expected bfloat16, float16 or float32 ({hint})")
-        return prepare(name, w, sparse=name in sparse_names)
+        if name in sparse_names and value_cast is not None and w.dtype != value_cast:
+            w = w.to(value_cast)
+        return prepare(name, w, sparse=name in sparse_names, values=quant, group_size=group_size)
 
     stored_names = [n for n in info.param_names if n not in tied]
     groups: list[tuple[str, int | None, list[str]]] = []
@@ -197,7 +216,8 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"convert {src.name}", disable=not progress)
     writer = CheckpointWriter(dst, config=out_cfg, architecture=info.architecture, layers_prefix=info.layers_prefix,
                               num_layers=info.num_layers, tied=tied, force=force,
-                              extra={"source": {"path": str(src.resolve()), "compressed_tensors": ct is not None}})
+                              extra={"source": {"path": str(src.resolve()), "compressed_tensors": ct is not None}}
+                              | ({"values": {"format": quant, "group_size": group_size}} if quant else {}))
     with writer, bar:  # on error: the bar ends its line before the error is printed, the writer cleans up
         for rel, layer, group in groups:
             stored = []
@@ -208,6 +228,9 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
                 dense = _dense_nbytes(st)
                 stats["dense_bytes"] += dense
                 stats["stored_bytes"] += sum(t.numel() * t.element_size() for t in st.parts.values())
+                if "rel_error" in st.meta:
+                    stats["quantized"] = stats.get("quantized", 0) + 1
+                    stats["max_rel_error"] = max(stats.get("max_rel_error", 0.0), st.meta["rel_error"])
                 bar.update(dense)
                 bar.set_postfix_str(f"{stats['tensors']} tensors", refresh=False)
             writer.write_file(rel, stored, layer)

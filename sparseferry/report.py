@@ -4,9 +4,31 @@ from __future__ import annotations
 from .store import open_checkpoint
 
 
+def _values_label(t) -> str:
+    """How a tensor's non-zero values are stored: its dtype, or "int4/g128", "int8/row"."""
+    if t.values in (None, str(t.dtype).removeprefix("torch.")) or t.encoding == "dense":
+        return str(t.dtype).removeprefix("torch.")
+    return f"{t.values}/{'row' if t.group_size == 0 else f'g{t.group_size}'}"
+
+
+def _quant_stats(tensors) -> dict:
+    """values (labels of the bitmap tensors' values, joined) and the relative reconstruction errors
+    ||W - dequantized W||_F / ||W||_F of the quantized ones, recorded at convert time (max and mean)."""
+    labels = sorted({_values_label(t) for t in tensors if t.encoding == "bitmap"})
+    errs = [t.rel_error for t in tensors if t.rel_error is not None]
+    return {
+        "values": ",".join(labels) or "-",
+        "quantized": len(errs),
+        "rel_error_max": max(errs) if errs else None,
+        "rel_error_mean": sum(errs) / len(errs) if errs else None,
+    }
+
+
 def inspect_checkpoint(path, verify: bool = False) -> dict:
     """Per-layer and total sparsity, dense bytes, stored bytes and compression ratio.
 
+    For quantized values (int8/int4), also the value format and the relative reconstruction error
+    of the layer's matrices (max and mean over them, as recorded by `convert`).
     With verify, every checksum and bitmap is checked first (raises CheckpointError on a problem).
     """
     ckpt = open_checkpoint(path)
@@ -28,6 +50,7 @@ def inspect_checkpoint(path, verify: bool = False) -> dict:
             "dense_bytes": dense,
             "stored_bytes": stored,
             "ratio": stored / dense if dense else 1.0,
+            **_quant_stats([ckpt.tensors[n] for n in names]),
         })
     dense, stored = ckpt.dense_bytes(), ckpt.stored_bytes()
     enc = [t for t in ckpt.tensors.values() if t.encoding == "bitmap"]
@@ -46,6 +69,7 @@ def inspect_checkpoint(path, verify: bool = False) -> dict:
             "dense_bytes": dense,
             "stored_bytes": stored,
             "ratio": stored / dense if dense else 1.0,
+            **_quant_stats(list(ckpt.tensors.values())),
         },
     }
 
@@ -57,8 +81,14 @@ def _mb(n: int) -> str:
 def render_inspect(rep: dict) -> str:
     out = [f"{rep['path']}  ({rep['architecture']}, format v{rep['format_version']}, {rep['num_layers']} layers)"
            + ("  checksums OK" if rep["verified"] else "")]
-    out.append(f"{'group':<10} {'tensors':>7} {'bitmap':>6} {'sparsity':>8} {'dense MiB':>10} {'stored MiB':>10} {'ratio':>6}")
+    quant = rep["total"].get("quantized", 0) > 0  # columns of quantized values only when there are some
+    head = f"{'group':<10} {'tensors':>7} {'bitmap':>6} {'sparsity':>8} {'dense MiB':>10} {'stored MiB':>10} {'ratio':>6}"
+    out.append(head + (f" {'values':>10} {'rel.err max':>11} {'mean':>8}" if quant else ""))
     for r in rep["layers"] + [dict(rep["total"], group="total")]:
-        out.append(f"{r['group']:<10} {r['tensors']:>7} {r['encoded']:>6} {r['sparsity']:>8.3f} {_mb(r['dense_bytes'])} "
-                   f"{_mb(r['stored_bytes'])} {r['ratio']:>6.3f}")
+        line = (f"{r['group']:<10} {r['tensors']:>7} {r['encoded']:>6} {r['sparsity']:>8.3f} {_mb(r['dense_bytes'])} "
+                f"{_mb(r['stored_bytes'])} {r['ratio']:>6.3f}")
+        if quant:
+            emax, emean = r.get("rel_error_max"), r.get("rel_error_mean")
+            line += f" {r['values']:>10} " + (f"{emax:>11.5f} {emean:>8.5f}" if emax is not None else f"{'-':>11} {'-':>8}")
+        out.append(line)
     return "\n".join(out)

@@ -14,14 +14,15 @@ import json
 import os
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import xxhash
 
 from .encoder import encode_fast
-from .format import BLOCK_COLS, BitmapTensor, FormatError, decode, worth_encoding
+from .format import (BLOCK_COLS, QUANT_FORMATS, BitmapTensor, FormatError, QuantBitmapTensor, decode,
+                     worth_encoding)
 from .io import FileReader
 
 FORMAT_NAME = "sparseferry"
@@ -81,6 +82,8 @@ class StoredTensor:
     shape: tuple[int, ...]
     nnz: int
     parts: dict[str, torch.Tensor]  # part -> tensor ("dense" for dense; FORMAT.md parts for bitmap)
+    # extra manifest fields of quantized values: {"values": "int8"|"int4", "group_size": G, "rel_error": e}
+    meta: dict = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:
@@ -90,20 +93,37 @@ class StoredTensor:
         return self.name if part == "dense" else f"{self.prefix}.{part}"
 
 
-def prepare(name: str, w: torch.Tensor, sparse: bool) -> StoredTensor:
-    """Choose the storage of a parameter: bitmap when asked for and it saves bytes, else dense."""
+def prepare(name: str, w: torch.Tensor, sparse: bool, *, values: str | None = None, group_size: int = 128) -> StoredTensor:
+    """Choose the storage of a parameter: bitmap when asked for and it saves bytes, else dense.
+
+    values: None (the matrix's own float values) or "int8" / "int4": the non-zero values of a
+    bitmap-encoded matrix are quantized (`quant.quantize`, groups of `group_size` non-zeros of a row,
+    0 = per row), and its relative reconstruction error is recorded in the manifest.
+    """
     w = w.detach()
     if sparse and w.dim() == 2 and w.dtype in _DTYPE_NAMES:
         bt = encode_fast(w)
-        if worth_encoding(w.shape[0], w.shape[1], bt.nnz, w.element_size()):
+        if values is not None and values in QUANT_FORMATS:
+            from .quant import quantize, relative_error
+
+            qbt = quantize(bt, values, group_size, name=name)
+            if sum(t.numel() * t.element_size() for t in qbt.parts().values()) < w.numel() * w.element_size():
+                return from_bitmap(name, qbt, rel_error=relative_error(bt, qbt))
+        elif worth_encoding(w.shape[0], w.shape[1], bt.nnz, w.element_size()):
             return from_bitmap(name, bt)
         return StoredTensor(name, "dense", w.dtype, tuple(w.shape), bt.nnz, {"dense": w})
     nnz = int(torch.count_nonzero(w)) if w.is_floating_point() else w.numel()
     return StoredTensor(name, "dense", w.dtype, tuple(w.shape), nnz, {"dense": w})
 
 
-def from_bitmap(name: str, bt: BitmapTensor) -> StoredTensor:
-    return StoredTensor(name, "bitmap", bt.dtype, tuple(bt.shape), bt.nnz, bt.parts())
+def from_bitmap(name: str, bt: BitmapTensor, rel_error: float | None = None) -> StoredTensor:
+    """A bitmap-encoded parameter; a QuantBitmapTensor also records its value format, group size and error."""
+    meta = {}
+    if isinstance(bt, QuantBitmapTensor):
+        meta = {"values": bt.value_format, "group_size": bt.group_size}
+        if rel_error is not None:
+            meta["rel_error"] = rel_error
+    return StoredTensor(name, "bitmap", bt.dtype, tuple(bt.shape), bt.nnz, bt.parts(), meta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +213,7 @@ class CheckpointWriter:
         for st in tensors:
             self.manifest["tensors"][st.name] = {
                 "file": relpath, "layer": layer, "encoding": st.encoding, "dtype": dtype_name(st.dtype),
-                "shape": list(st.shape), "nnz": st.nnz, "parts": parts[st.name],
+                "shape": list(st.shape), "nnz": st.nnz, **st.meta, "parts": parts[st.name],
             }
 
     def _out_of_space(self, what: str, e: OSError) -> CheckpointError:
@@ -269,6 +289,9 @@ class TensorEntry:
     shape: tuple[int, ...]
     nnz: int
     parts: dict[str, dict]
+    values: str | None = None  # quantized value format ("int8" / "int4"); None: values in `dtype`
+    group_size: int | None = None  # of quantized values (0: one group per row)
+    rel_error: float | None = None  # ||W - dequantized W|| / ||W||, recorded at convert time
 
     @property
     def stored_bytes(self) -> int:
@@ -341,9 +364,12 @@ class Checkpoint:
                 if e["file"] not in self.files:
                     raise CheckpointError(f"{mpath}: tensor {name} lives in {e['file']}, which the manifest does not list")
                 self.tensors[name] = TensorEntry(name, e["file"], e["layer"], e["encoding"], dtype_from_name(e["dtype"]),
-                                                 tuple(e["shape"]), e["nnz"], e["parts"])
+                                                 tuple(e["shape"]), e["nnz"], e["parts"], e.get("values"),
+                                                 e.get("group_size"), e.get("rel_error"))
             except (KeyError, TypeError) as err:
                 raise CheckpointError(f"{mpath}: malformed entry for tensor {name} ({type(err).__name__}: {err})") from None
+        for name, t in self.tensors.items():
+            _check_value_encoding(mpath, t)
         self._layer_names: dict[int, list[str]] = {}
         for name, t in self.tensors.items():
             if t.layer is not None:
@@ -401,7 +427,11 @@ class Checkpoint:
         if e.encoding == "dense":
             return parts["dense"]
         try:
-            bt = BitmapTensor.from_parts(parts, e.name.removesuffix(".weight"))
+            if e.values in QUANT_FORMATS:
+                bt = QuantBitmapTensor.from_parts(parts, e.name.removesuffix(".weight"), value_format=e.values,
+                                                  group_size=e.group_size, out_dtype=e.dtype, nnz=e.nnz)
+            else:
+                bt = BitmapTensor.from_parts(parts, e.name.removesuffix(".weight"))
         except FormatError as err:
             raise CheckpointError(f"{self.path / e.file}: {err}") from None
         if bt.nnz != e.nnz or tuple(bt.shape) != e.shape:
@@ -503,6 +533,21 @@ class Checkpoint:
                         raise CheckpointError(f"{fp}: {n}: bitmask has {setbits} set bits but {s.nnz} values")
             if progress is not None:
                 progress(rel)
+
+
+def _check_value_encoding(mpath: Path, t: TensorEntry) -> None:
+    """Reject encodings and value formats this reader does not know, naming the tensor."""
+    if t.encoding not in ("dense", "bitmap"):
+        raise CheckpointError(f"{mpath}: tensor {t.name} has unknown encoding {t.encoding!r} (this sparseferry reads "
+                              f"'dense' and 'bitmap'); upgrade sparseferry")
+    if t.values is None or t.encoding == "dense":
+        return
+    if t.values not in QUANT_FORMATS and t.values != dtype_name(t.dtype):
+        raise CheckpointError(f"{mpath}: tensor {t.name} has unknown value encoding {t.values!r} (this sparseferry reads "
+                              f"{', '.join(QUANT_FORMATS)} or values in the tensor's dtype); upgrade sparseferry")
+    if t.values in QUANT_FORMATS and (not isinstance(t.group_size, int) or t.group_size < 0):
+        raise CheckpointError(f"{mpath}: tensor {t.name}: {t.values} values need a non-negative integer group_size, "
+                              f"got {t.group_size!r}")
 
 
 def _read_header(path: Path) -> dict:
