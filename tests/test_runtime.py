@@ -23,10 +23,17 @@ from sparseferry.store import CheckpointError, open_checkpoint
 from conftest import ARCHS, make_checkpoint
 
 
+def minimum_budget(ckpt_dir, **load_kw) -> int:
+    """The smallest budget `sparseferry.load` accepts, as its error states it."""
+    with pytest.raises(BudgetError) as e:
+        sparseferry.load(ckpt_dir, memory_budget=1, **load_kw)
+    return e.value.minimum_bytes
+
+
 def budgets(ckpt_dir, slots: bool = False) -> dict[str, object]:
     """Named budgets covering every tier mix for a checkpoint."""
     ckpt = open_checkpoint(ckpt_dir)
-    minimum = make_plan(ckpt, None, slots=slots).minimum_bytes
+    minimum = minimum_budget(ckpt_dir, slots=slots)
     layer = ckpt.stored_bytes(ckpt.layer_tensors(0))
     return {
         "all-dense": None,
@@ -122,6 +129,8 @@ def test_plan_fills_the_budget_resident_first(tmp_path):
     folder, _ = make_checkpoint("llama", tmp_path, layers=6)
     ckpt = open_checkpoint(folder)
     b = budgets(folder)
+    b["all-streamed"] = make_plan(ckpt, None).minimum_bytes  # planned without on-demand embeddings
+    b["mixed"] = b["all-streamed"] + 2 * ckpt.stored_bytes(ckpt.layer_tensors(0)) + 4096
     assert make_plan(ckpt, None).tiers == ("dense",) * 6
     streamed = make_plan(ckpt, b["all-streamed"])
     assert streamed.tiers == ("disk",) * 6 and streamed.device_bytes <= b["all-streamed"]
@@ -147,12 +156,37 @@ def test_budget_strings_parse():
 
 def test_budget_below_minimum_states_the_minimum(tmp_path):
     folder, _ = make_checkpoint("llama", tmp_path, layers=2)
-    minimum = make_plan(open_checkpoint(folder), None).minimum_bytes
+    minimum = minimum_budget(folder)
     with pytest.raises(BudgetError, match=r"below the minimum") as e:
         sparseferry.load(folder, memory_budget=minimum - 1)
     from sparseferry.runtime import format_bytes
 
-    assert format_bytes(minimum) in str(e.value)
+    assert format_bytes(minimum) in str(e.value) and e.value.minimum_bytes == minimum
+    model = sparseferry.load(folder, memory_budget=minimum)  # and the minimum itself works
+    assert model.sparseferry.plan.device_bytes <= minimum
+    model.sparseferry.close()
+
+
+def test_untied_input_embeddings_are_read_by_row_under_a_budget(tmp_path):
+    folder, ref = make_checkpoint("llama", tmp_path, dtype=torch.float32, layers=2)
+    ckpt = open_checkpoint(folder)
+    emb = "model.embed_tokens.weight"
+    on = sparseferry.load(folder, memory_budget=minimum_budget(folder))
+    off = sparseferry.load(folder, memory_budget=minimum_budget(folder, embeddings_on_demand=False),
+                           embeddings_on_demand=False)
+    try:
+        assert on.get_input_embeddings().weight.numel() == 0  # not held
+        assert off.sparseferry.plan.fixed_bytes - on.sparseferry.plan.fixed_bytes == ckpt.tensors[emb].dense_bytes
+        ids = torch.tensor([[5, 3, 5, 259, 0, 3]])
+        torch.testing.assert_close(oracle_logits(on, ids), oracle_logits(ref, ids), atol=1e-5, rtol=1e-5)
+        assert on.device == torch.device("cpu") and on.dtype == torch.float32
+    finally:
+        on.sparseferry.close()
+        off.sparseferry.close()
+    tied_folder, _ = make_checkpoint("opt", tmp_path, layers=2)  # tied to lm_head: stays resident
+    tied = sparseferry.load(tied_folder, memory_budget=minimum_budget(tied_folder))
+    assert tied.get_input_embeddings().weight.numel() > 0
+    tied.sparseferry.close()
 
 
 def test_not_a_checkpoint_suggests_convert(tmp_path):

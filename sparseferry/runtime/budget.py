@@ -14,7 +14,11 @@ _RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*|%)\s*$")
 
 
 class BudgetError(SparseferryError):
-    """A memory budget that does not parse, or is too small."""
+    """A memory budget that does not parse, or is too small (then `minimum_bytes` says what would do)."""
+
+    def __init__(self, message: str, minimum_bytes: int | None = None):
+        super().__init__(message)
+        self.minimum_bytes = minimum_bytes
 
 
 def parse_budget(budget, total_bytes: int | None = None) -> int | None:

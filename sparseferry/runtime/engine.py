@@ -23,6 +23,7 @@ from ..format import BitmapTensor
 from ..hf import config_from_dict, model_info
 from ..store import Checkpoint, CheckpointError, open_checkpoint
 from .budget import format_bytes, parse_budget
+from .embedding import RowReader, embed_on_demand
 from .pipeline import LayerSource, Pipeline
 from .plan import Plan, make_plan
 
@@ -211,6 +212,9 @@ class StreamingEngine:
         return out
 
     def close(self) -> None:
+        rows = getattr(self.model.get_input_embeddings(), "_sf_rows", None)
+        if rows is not None:
+            rows.close()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -220,7 +224,7 @@ class StreamingEngine:
 
 def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direct_io: bool = True,
          verify: bool = True, nslots: int = 2, nreadbufs: int = 2, slots: bool | None = None,
-         decompress_threads: int | None = None,
+         embeddings_on_demand: bool | None = None, decompress_threads: int | None = None,
          attn_implementation: str | None = None) -> nn.Module:
     """Load a sparseferry checkpoint as a HuggingFace causal LM that streams what does not fit.
 
@@ -237,6 +241,8 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
         slots: decompress whole streamed layers into dense slots ahead of compute (default: on CUDA).
             Otherwise (default on CPU) layers compute from the compressed bytes where they lie: fused
             sparse matmul for small batches, one matrix at a time through a scratch buffer for large.
+        embeddings_on_demand: read input-embedding rows from the file per step instead of holding the
+            table (default: when there is a budget and the table is not tied to the output head).
     Returns:
         the transformers model; `model.sparseferry` is its StreamingEngine (plan, summary(), close()).
     Raises:
@@ -268,15 +274,21 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
     if missing:
         raise CheckpointError(f"{ckpt.path}: no weights for {', '.join(missing[:5])}")
     budget = parse_budget(memory_budget, ckpt.stored_bytes())
+    lazy_emb = _on_demand_embedding(model, info, ckpt) if (budget is not None if embeddings_on_demand is None
+                                                             else embeddings_on_demand) else None
     use_slots = dev.type == "cuda" if slots is None else slots
     if dev.type == "cuda" and not use_slots:
         raise RuntimeLoadError("slots=False is only supported on the CPU")
-    plan = make_plan(ckpt, budget, storage=storage, nslots=nslots, nreadbufs=nreadbufs, slots=use_slots)
+    plan = make_plan(ckpt, budget, storage=storage, nslots=nslots, nreadbufs=nreadbufs, slots=use_slots,
+                     exclude=frozenset([lazy_emb] if lazy_emb else []))
     layers = model.get_submodule(info.layers_prefix)
 
     # 1. non-layer weights and dense-resident layers: decoded once, on the device
     for name in ckpt.non_layer_tensors():
-        _set_param(model, name, ckpt.load(name, verify=verify).to(dev))
+        if name != lazy_emb:
+            _set_param(model, name, ckpt.load(name, verify=verify).to(dev))
+    if lazy_emb:
+        embed_on_demand(model.get_input_embeddings(), RowReader(ckpt, lazy_emb, verify=verify), dev)
     for i, tier in enumerate(plan.tiers):
         if tier == "dense":
             for name in ckpt.layer_tensors(i):
@@ -321,6 +333,18 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
     engine = StreamingEngine(ckpt, model, plan, dev, pipeline, layers, rss_before)
     model.sparseferry = engine
     return model
+
+
+def _on_demand_embedding(model: nn.Module, info, ckpt: Checkpoint) -> str | None:
+    """Name of the input-embedding weight if it can be read by row (plain nn.Embedding, dense, untied)."""
+    emb = model.get_input_embeddings()
+    if type(emb) is not nn.Embedding:
+        return None
+    name = next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
+    tied = set(info.tied) | set(info.tied.values()) | set(ckpt.tied) | set(ckpt.tied.values())
+    if name is None or name in tied or name not in ckpt.tensors or ckpt.tensors[name].encoding != "dense":
+        return None
+    return name
 
 
 def _read_resident(ckpt: Checkpoint, i: int, device: torch.device, pin: bool) -> torch.Tensor:

@@ -78,13 +78,15 @@ def layer_sizes(ckpt: Checkpoint) -> tuple[list[int], list[int], list[int]]:
 
 
 def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslots: int = 2, nreadbufs: int = 2,
-              slots: bool = False) -> Plan:
+              slots: bool = False, exclude: frozenset[str] = frozenset()) -> Plan:
     """Fill the budget (bytes) as described in the module docstring; BudgetError if it cannot work.
 
     With `slots` (CUDA) a streamed layer is decompressed whole into one of `nslots` dense slots (on
     a side stream, overlapping compute). Without (CPU) there are no slots: linear layers multiply
     from the compressed bytes where they lie (fused kernel), or decompress one matrix at a time into
     a scratch buffer the size of the largest matrix for large batches.
+
+    `exclude`: non-layer tensors that are not held in memory (embeddings read by row on demand).
 
     Residency comes first: the pipeline is as deep as `nslots` / `nreadbufs` allow without making
     fewer layers resident than the shallowest pipeline would. A deeper pipeline overlaps more; a
@@ -95,12 +97,12 @@ def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslot
     cpu = not slots
     cands = ((0, 1), (0, 2), (0, nreadbufs)) if cpu else ((1, 1), (2, 1), (2, 2), (nslots, nreadbufs))
     depths = sorted({(min(k, nslots) if not cpu else 0, max(min(r, nreadbufs), 1)) for k, r in cands})
-    base = _plan(ckpt, budget, storage, *depths[0], cpu=cpu)  # raises BudgetError stating the true minimum
+    base = _plan(ckpt, budget, storage, *depths[0], cpu=cpu, exclude=exclude)  # raises BudgetError stating the true minimum
     best = base
     resident = lambda p: sum(t in RESIDENT for t in p.tiers)  # noqa: E731
     for k, r in depths[1:]:
         try:
-            p = _plan(ckpt, budget, storage, k, r, cpu=cpu)
+            p = _plan(ckpt, budget, storage, k, r, cpu=cpu, exclude=exclude)
         except BudgetError:
             continue
         if resident(p) >= resident(base):
@@ -113,10 +115,11 @@ def scratch_bytes(ckpt: Checkpoint) -> int:
     return max((t.dense_bytes for t in ckpt.tensors.values() if t.layer is not None and t.encoding != "dense"), default=0)
 
 
-def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nreadbufs: int, cpu: bool) -> Plan:
+def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nreadbufs: int, cpu: bool,
+          exclude: frozenset[str]) -> Plan:
     n = ckpt.num_layers
     dense, stored, readbuf = layer_sizes(ckpt)
-    fixed = ckpt.dense_bytes(ckpt.non_layer_tensors())
+    fixed = ckpt.dense_bytes([t for t in ckpt.non_layer_tensors() if t not in exclude])
     slot = max(dense, default=0)
     rbuf = max(readbuf, default=0)
     scratch = scratch_bytes(ckpt) if cpu else 0
@@ -136,7 +139,7 @@ def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nread
         if scratch:
             parts.append(f"{format_bytes(scratch)} scratch for the largest matrix")
         raise BudgetError(f"memory budget {format_bytes(budget)} is below the minimum {format_bytes(minimum)} "
-                          f"for this model ({' + '.join(parts)})")
+                          f"for this model ({' + '.join(parts)})", minimum_bytes=minimum)
     tiers = ["disk" if reads else "host"] * n
     avail = budget - fixed - stream_cost
     for i in range(n):  # as many layers resident as fit, compressed
