@@ -8,6 +8,7 @@ interpreter, in a subprocess (TRITON_INTERPRET must be set before triton is impo
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -24,6 +25,7 @@ import sparseferry.kernels as K
 from sparseferry.format import BLOCK_COLS, BitmapTensor, FormatError, decode, encode
 from sparseferry.kernels import native
 from sparseferry.kernels.reference import sparse_matmul_reference
+from sparseferry.quant import quantize
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ROWS = [1, 7, 17, 64, 65]
@@ -320,6 +322,69 @@ def test_without_the_extension_the_torch_reference_is_used_with_one_notice(monke
 
 
 # ------------------------------------------------------------------------------------------------
+# quantized values (int8 / int4): dequantized while decompressing, bit-exact to quant.decode_quant
+
+# per row, groups ending inside vector steps (7, 5: also int4 groups starting mid-byte), whole 32-lane steps
+QUANT = [("int8", 0), ("int8", 7), ("int4", 5), ("int4", 32)]
+
+
+@functools.lru_cache(maxsize=None)
+def quantized(rows: int, cols: int, sparsity: float, dtype: torch.dtype, value_format: str, group_size: int):
+    """(dense reference decode, QuantBitmapTensor), once per session (never mutated)."""
+    q = quantize(sparse_matrix(rows, cols, sparsity, dtype, seed=rows * cols), value_format, group_size)
+    return decode(q), q
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantized_decompress_is_bit_exact_over_shapes_sparsities_and_group_boundaries(path, dtype):
+    """Odd group sizes put group boundaries inside vector steps; odd row counts start int4 rows mid-byte."""
+    for rows in (1, 7, 17):
+        for cols in COLS:
+            for sparsity in SPARSITIES:
+                for fmt, g in QUANT:
+                    want, q = quantized(rows, cols, sparsity, dtype, fmt, g)
+                    out = torch.full((rows, cols), 7.0, dtype=dtype)
+                    assert K.decompress(q, out=out, threads=2) is out
+                    assert_bit_exact(out, q, want=want)
+
+
+@pytest.mark.parametrize("fmt,g", [("int8", 3), ("int4", 64)])
+def test_quantized_sparse_matmul_matches_reference_on_every_path(path, fmt, g):
+    """Fused (quantized rows dequantized into a scratch row) up to MATVEC_MAX_BATCH, decompress + linear beyond."""
+    for dtype in DTYPES:
+        want_w, q = quantized(65, BLOCK_COLS + 1, 0.5, dtype, fmt, g)
+        for batch in (1, 3, 17):
+            x = torch.randn(batch, BLOCK_COLS + 1).to(dtype)
+            got = K.sparse_matmul(x, q)
+            want = x.float() @ want_w.float().T
+            tol = fp32_error_bound(x, want_w) + 2 * torch.finfo(dtype).eps * want.abs()
+            assert got.dtype == dtype and ((got.float() - want).abs() <= tol).all(), (dtype, batch)
+
+
+def test_quantized_fused_matvec_matches_fp32_reference_within_accumulation_error(native_path):
+    for fmt, g in QUANT:
+        for rows, cols in [(1, 1), (7, 17), (17, 63), (3, BLOCK_COLS + 1)]:
+            for sparsity in SPARSITIES:
+                w, q = quantized(rows, cols, sparsity, torch.bfloat16, fmt, g)
+                x = torch.randn(5, cols)
+                got = native.matvec(x, q, path=native_path, threads=2)
+                assert ((got - x @ w.float().T).abs() <= fp32_error_bound(x, w)).all(), (fmt, g, rows, cols, sparsity)
+
+
+def test_native_kernels_reject_group_offsets_outside_scales(native_path, monkeypatch):
+    """A corrupt quantized matrix raises FormatError naming the row; no read outside `scales`."""
+    monkeypatch.setenv(K.ENV_VAR, native_path)
+    _, q = quantized(6, 100, 0.5, torch.bfloat16, "int4", 8)
+    go = q.group_offsets.clone()
+    go[4] = q.scales.numel()  # row 4's groups would start past the end of scales
+    bad = dataclasses.replace(q, group_offsets=go)
+    with pytest.raises(FormatError, match=r"row 4 is inconsistent.*group_offsets point outside scales"):
+        K.decompress(bad)
+    with pytest.raises(FormatError, match=r"row 4 is inconsistent"):
+        K.sparse_matmul(torch.ones(1, 100, dtype=torch.bfloat16), bad)
+
+
+# ------------------------------------------------------------------------------------------------
 # Triton (in the interpreter, on CPU tensors)
 
 # the interpreter runs each program in Python: few rows, but every column-block boundary case
@@ -348,3 +413,24 @@ def test_triton_decompress_is_bit_exact_in_the_interpreter():
                 out = torch.full((rows, cols), 7.0, dtype=dtype)
                 assert triton_kernels.decompress(bt, out) is out
                 assert_bit_exact(out, bt)
+
+
+def test_triton_quantized_decompress_is_bit_exact_in_the_interpreter():
+    pytest.importorskip("triton", reason="triton is not installed (the gpu extra)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        name = test_triton_quantized_decompress_is_bit_exact_in_the_interpreter.__name__
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"{__file__}::{name}"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+        return
+    from sparseferry.kernels import triton_kernels
+
+    for dtype in DTYPES:
+        for rows, cols in TRITON_SHAPES:
+            for sparsity in (0.0, 0.5, 1.0):
+                for fmt, g in [("int8", 7), ("int4", 5)]:
+                    want, q = quantized(rows, cols, sparsity, dtype, fmt, g)
+                    out = torch.full((rows, cols), 7.0, dtype=dtype)
+                    assert triton_kernels.decompress(q, out) is out
+                    assert_bit_exact(out, q, want=want)
