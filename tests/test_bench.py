@@ -75,7 +75,8 @@ def test_every_system_decodes_the_tokens_transformers_decodes(run):
     expected = {"pruned": greedy_reference(Path(setup["model_dir"]), ids, setup["new_tokens"]),
                 "unpruned": greedy_reference(Path(setup["dense_dir"]), ids, setup["new_tokens"])}
     for s in res["systems"]:
-        assert s["tokens"] == expected[s["weights"]], s["name"]
+        if s["exact"]:
+            assert s["tokens"] == expected[s["weights"]], s["name"]
     assert next(s for s in res["systems"] if s["name"] == "sparseferry-bitmap")["tokens_agree"] is True
 
 
@@ -94,8 +95,9 @@ def test_sparseferry_reads_its_streamed_layers_from_disk_every_token(run):
     _, res = run
     for s in res["systems"]:
         if s["runner"] == "sparseferry":
-            assert s["weights_disk_bytes"] > 0
-            if res["machine"]["disk_read_direct"] and s["bytes_read_per_token"]:
+            if s["exact"]:  # quantized checkpoints may fit the budget whole: nothing streamed
+                assert s["weights_disk_bytes"] > 0
+            if res["machine"]["disk_read_direct"] and s["bytes_read_per_token"] and s["weights_disk_bytes"]:
                 # the kernel's count: O_DIRECT reads (4 KiB aligned) of every streamed layer, per token
                 assert 0.95 * s["weights_disk_bytes"] <= s["bytes_read_per_token"] <= 1.2 * s["weights_disk_bytes"] + 2**20
     bitmap = next(s for s in res["systems"] if s["name"] == "sparseferry-bitmap")
@@ -116,11 +118,11 @@ def _results(storage="disk"):
     machine = {"disk_read_GBps": 2.0, "disk_read_direct": True, "mem_GBps": 10.0, "cpu_count": 2, "load_average": [0, 0, 0]}
     setup = {"batch": 1, "budget": "30%", "budget_bytes": 3 * 10**8, "dense_weight_bytes": 10**9, "storage": storage,
              "prompt_tokens": 32, "new_tokens": 16, "dtype": "bfloat16", "reps": 3}
-    systems = [({"name": "accelerate", "runner": "accelerate", "weights": "pruned", "convert": {}, "baseline": True},
+    systems = [({"name": "accelerate", "runner": "accelerate", "weights": "pruned", "convert": {}, "baseline": True, "exact": True},
                 _fake(1.0, 7 * 10**8, 3 * 10**8)),
-               ({"name": "sparseferry-dense", "runner": "sparseferry", "weights": "unpruned", "convert": {}, "baseline": False},
+               ({"name": "sparseferry-dense", "runner": "sparseferry", "weights": "unpruned", "convert": {}, "baseline": False, "exact": True},
                 _fake(0.5, 7 * 10**8, 3 * 10**8, tokens=((5, 6),))),
-               ({"name": "sparseferry-bitmap", "runner": "sparseferry", "weights": "pruned", "convert": {}, "baseline": False},
+               ({"name": "sparseferry-bitmap", "runner": "sparseferry", "weights": "pruned", "convert": {}, "baseline": False, "exact": True},
                 _fake(0.25, 4 * 10**8, 3 * 10**8, tokens=((1, 3),)))]
     return results_json(machine=machine, versions={}, setup=setup, systems=systems, storage=storage)
 

@@ -38,6 +38,7 @@ class System:
     weights: str  # "pruned" (the model benchmarked) | "unpruned" (its dense twin, same shape and seed)
     convert: dict = field(default_factory=dict)  # keyword arguments of sparseferry.convert.convert
     baseline: bool = False  # the one speedups are relative to
+    exact: bool = True  # stores the weights losslessly (False: quantized values, tokens may differ)
 
 
 # The systems, in run order. A new value encoding is one more line here (its convert option).
@@ -45,6 +46,8 @@ SYSTEMS = (
     System("accelerate", "accelerate", "pruned", baseline=True),
     System("sparseferry-dense", "sparseferry", "unpruned"),
     System("sparseferry-bitmap", "sparseferry", "pruned"),
+    System("sparseferry-bitmap-int8", "sparseferry", "pruned", convert={"values": "int8"}, exact=False),
+    System("sparseferry-bitmap-int4", "sparseferry", "pruned", convert={"values": "int4"}, exact=False),
 )
 RUNNERS = {"accelerate": "sparseferry.bench.accelerate_baseline", "sparseferry": "sparseferry.bench.sparseferry_runner"}
 PROMPT_TEXT = ("The ferry crossed the river at dawn, carrying carts, sheep and a tired postman. "

@@ -11,6 +11,7 @@ every sequence in the batch, so per-token figures are per-step figures divided b
     bound_fraction          bound_s_per_token / decode_s_per_token (1.0 = at the physical limit)
     speedup_vs_accelerate   baseline decode_s_per_token / this system's
     tokens_agree            greedy tokens equal those of the first system run on the same weights
+                            (for quantized systems, exact=False, a difference is expected, not an error)
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def results_json(*, machine: dict, versions: dict, setup: dict, systems: list[tu
         step, per_step = r.get("decode_s_per_step"), r.get("bytes_read_per_step")
         rows.append({
             "name": sysdef["name"], "runner": sysdef["runner"], "weights": sysdef["weights"], "convert": sysdef["convert"],
-            "baseline": sysdef["baseline"],
+            "baseline": sysdef["baseline"], "exact": sysdef.get("exact", True),
             "decode_s_per_token": r.get("decode_s_per_token"), "decode_s_per_step": step, "prefill_s": r.get("prefill_s"),
             "tokens_per_s": r.get("tokens_per_s"), "bytes_read_per_token": r.get("bytes_read_per_token"),
             "achieved_GBps": per_step / step / 1e9 if step and per_step is not None else None,
@@ -55,6 +56,12 @@ def results_json(*, machine: dict, versions: dict, setup: dict, systems: list[tu
     base = next((x for x in rows if x["baseline"]), None)
     first_by_weights: dict[str, dict] = {}
     for x in rows:
+        if not x["exact"]:  # quantized values: compared with the exact system on the same weights, may differ
+            ref = first_by_weights.get(x["weights"])
+            x["tokens_agree"] = None if ref is None else x["tokens"] == ref["tokens"]
+            b, t = (base or {}).get("decode_s_per_token"), x["decode_s_per_token"]
+            x["speedup_vs_accelerate"] = b / t if b and t else None
+            continue
         ref = first_by_weights.setdefault(x["weights"], x)
         x["tokens_agree"] = None if ref is x else x["tokens"] == ref["tokens"]
         if ref is x and base is not None and base is not x and base["weights"] == x["weights"]:
