@@ -54,14 +54,16 @@ def test_streamed_logits_equal_dense_transformers(arch, dtype, tmp_path):
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
     want = oracle_logits(ref, ids)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
-    for storage, slots in (("disk", False), ("host", False), ("disk", True)):  # slots: the CUDA schedule
+    configs = [("disk", False, None), ("host", False, None), ("disk", False, "dense"),
+               ("disk", True, None)]  # slots=True: the CUDA schedule, run on the CPU
+    for storage, slots, form in configs:
         for label, budget in budgets(folder, slots).items():
-            model = sparseferry.load(folder, memory_budget=budget, storage=storage, slots=slots)
+            model = sparseferry.load(folder, memory_budget=budget, storage=storage, slots=slots, resident_form=form)
             try:
                 got = oracle_logits(model, ids)
             finally:
                 model.sparseferry.close()
-            torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{arch} {label} {storage} slots={slots}: {m}")
+            torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{arch} {label} {storage} slots={slots} {form}: {m}")
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])

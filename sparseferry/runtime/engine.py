@@ -224,7 +224,8 @@ class StreamingEngine:
 
 def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direct_io: bool = True,
          verify: bool = True, nslots: int = 2, nreadbufs: int = 2, slots: bool | None = None,
-         embeddings_on_demand: bool | None = None, decompress_threads: int | None = None,
+         embeddings_on_demand: bool | None = None, resident_form: str | None = None,
+         decompress_threads: int | None = None,
          attn_implementation: str | None = None) -> nn.Module:
     """Load a sparseferry checkpoint as a HuggingFace causal LM that streams what does not fit.
 
@@ -233,7 +234,7 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
         device: "cpu" or "cuda" (or "cuda:N").
         memory_budget: bytes or a size string ("4GiB", "512MB") or a share of the stored weights ("30%");
             bounds the weights the engine holds on the device: resident layers, embeddings/head, and the
-            streaming buffers. None: everything resident, dense.
+            streaming buffers. None: everything resident (see resident_form).
         storage: where streamed layers live: "disk" (read from the files at every use, bypassing the page
             cache unless direct_io=False) or "host" (compressed in host memory; pinned on CUDA).
         verify: check each layer's checksum every time it is read from disk.
@@ -241,6 +242,10 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
         slots: decompress whole streamed layers into dense slots ahead of compute (default: on CUDA).
             Otherwise (default on CPU) layers compute from the compressed bytes where they lie: fused
             sparse matmul for small batches, one matrix at a time through a scratch buffer for large.
+        resident_form: "dense" or "compressed": the form of the decoder layers kept in memory. Default:
+            "compressed" on a CPU with the native fused kernel (smaller, and faster to multiply at
+            decode time than torch's dense bf16 matvec; large batches decompress one matrix at a
+            time), "dense" elsewhere. With memory_budget=None every layer is resident in this form.
         embeddings_on_demand: read input-embedding rows from the file per step instead of holding the
             table (default: when there is a budget and the table is not tied to the output head).
     Returns:
@@ -279,8 +284,12 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
     use_slots = dev.type == "cuda" if slots is None else slots
     if dev.type == "cuda" and not use_slots:
         raise RuntimeLoadError("slots=False is only supported on the CPU")
+    if resident_form is None:
+        resident_form = "dense" if use_slots or not _fused_kernel_available() else "compressed"
+    if resident_form not in ("dense", "compressed"):
+        raise RuntimeLoadError(f"resident_form must be 'dense' or 'compressed', got {resident_form!r}")
     plan = make_plan(ckpt, budget, storage=storage, nslots=nslots, nreadbufs=nreadbufs, slots=use_slots,
-                     exclude=frozenset([lazy_emb] if lazy_emb else []))
+                     exclude=frozenset([lazy_emb] if lazy_emb else []), prefer_dense=resident_form == "dense")
     layers = model.get_submodule(info.layers_prefix)
 
     # 1. non-layer weights and dense-resident layers: decoded once, on the device
@@ -333,6 +342,15 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
     engine = StreamingEngine(ckpt, model, plan, dev, pipeline, layers, rss_before)
     model.sparseferry = engine
     return model
+
+
+def _fused_kernel_available() -> bool:
+    try:
+        from ..kernels import kernel_path
+
+        return kernel_path("cpu") != "torch"
+    except Exception:  # noqa: BLE001 - no kernels at all: the reference path
+        return False
 
 
 def _on_demand_embedding(model: nn.Module, info, ckpt: Checkpoint) -> str | None:

@@ -78,7 +78,7 @@ def layer_sizes(ckpt: Checkpoint) -> tuple[list[int], list[int], list[int]]:
 
 
 def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslots: int = 2, nreadbufs: int = 2,
-              slots: bool = False, exclude: frozenset[str] = frozenset()) -> Plan:
+              slots: bool = False, exclude: frozenset[str] = frozenset(), prefer_dense: bool = True) -> Plan:
     """Fill the budget (bytes) as described in the module docstring; BudgetError if it cannot work.
 
     With `slots` (CUDA) a streamed layer is decompressed whole into one of `nslots` dense slots (on
@@ -87,6 +87,8 @@ def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslot
     a scratch buffer the size of the largest matrix for large batches.
 
     `exclude`: non-layer tensors that are not held in memory (embeddings read by row on demand).
+    `prefer_dense`: upgrade resident layers to dense when the budget allows. Off on a CPU with the
+    fused kernel, where a compressed layer is both smaller and faster to multiply at decode time.
 
     Residency comes first: the pipeline is as deep as `nslots` / `nreadbufs` allow without making
     fewer layers resident than the shallowest pipeline would. A deeper pipeline overlaps more; a
@@ -97,12 +99,13 @@ def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslot
     cpu = not slots
     cands = ((0, 1), (0, 2), (0, nreadbufs)) if cpu else ((1, 1), (2, 1), (2, 2), (nslots, nreadbufs))
     depths = sorted({(min(k, nslots) if not cpu else 0, max(min(r, nreadbufs), 1)) for k, r in cands})
-    base = _plan(ckpt, budget, storage, *depths[0], cpu=cpu, exclude=exclude)  # raises BudgetError stating the true minimum
+    kw = dict(cpu=cpu, exclude=exclude, prefer_dense=prefer_dense)
+    base = _plan(ckpt, budget, storage, *depths[0], **kw)  # raises BudgetError stating the true minimum
     best = base
     resident = lambda p: sum(t in RESIDENT for t in p.tiers)  # noqa: E731
     for k, r in depths[1:]:
         try:
-            p = _plan(ckpt, budget, storage, k, r, cpu=cpu, exclude=exclude)
+            p = _plan(ckpt, budget, storage, k, r, **kw)
         except BudgetError:
             continue
         if resident(p) >= resident(base):
@@ -116,7 +119,7 @@ def scratch_bytes(ckpt: Checkpoint) -> int:
 
 
 def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nreadbufs: int, cpu: bool,
-          exclude: frozenset[str]) -> Plan:
+          exclude: frozenset[str], prefer_dense: bool) -> Plan:
     n = ckpt.num_layers
     dense, stored, readbuf = layer_sizes(ckpt)
     fixed = ckpt.dense_bytes([t for t in ckpt.non_layer_tensors() if t not in exclude])
@@ -128,9 +131,9 @@ def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nread
     minimum = fixed + stream_cost
     common = dict(budget=budget, storage=storage, fixed_bytes=fixed, layer_dense_bytes=tuple(dense),
                   layer_stored_bytes=tuple(stored), minimum_bytes=minimum)
-    if budget is None or budget >= fixed + sum(dense):
+    if prefer_dense and (budget is None or budget >= fixed + sum(dense)):
         return Plan(tiers=("dense",) * n, nslots=0, slot_bytes=0, nreadbufs=0, readbuf_bytes=rbuf, scratch_bytes=0, **common)
-    if budget < minimum:
+    if budget is not None and budget < minimum:
         parts = [f"{format_bytes(fixed)} of embeddings/norms/head"]
         if nslots:
             parts.append(f"{nslots} x {format_bytes(slot)} decompression slots")
@@ -141,7 +144,7 @@ def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nread
         raise BudgetError(f"memory budget {format_bytes(budget)} is below the minimum {format_bytes(minimum)} "
                           f"for this model ({' + '.join(parts)})", minimum_bytes=minimum)
     tiers = ["disk" if reads else "host"] * n
-    avail = budget - fixed - stream_cost
+    avail = (budget if budget is not None else fixed + stream_cost + sum(stored)) - fixed - stream_cost
     for i in range(n):  # as many layers resident as fit, compressed
         if stored[i] <= avail:
             tiers[i], avail = "compressed", avail - stored[i]
@@ -149,7 +152,7 @@ def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nread
     if all(t == "compressed" for t in tiers) and reads:
         avail += nreadbufs * rbuf  # nothing is read from disk any more: no read buffers
         nreadbufs_used = 0
-    for i in range(n):  # then upgrade to dense with what is left
+    for i in range(n if prefer_dense else 0):  # then upgrade to dense with what is left
         if tiers[i] == "compressed" and dense[i] - stored[i] <= avail:
             tiers[i], avail = "dense", avail - (dense[i] - stored[i])
     streaming = any(t != "dense" for t in tiers)
