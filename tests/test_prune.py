@@ -318,7 +318,9 @@ def test_existing_output_is_refused(folders, tmp_path):
 
 
 def test_failure_midway_removes_the_partial_output(folders, tmp_path, monkeypatch):
-    import sparseferry.prune as P
+    import importlib
+
+    P = importlib.import_module("sparseferry.prune")  # the package (sparseferry.prune is the function)
 
     calls = {"n": 0}
     real = P.check_pruned

@@ -17,9 +17,7 @@ no forward pass at all.
 """
 from __future__ import annotations
 
-import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -238,14 +236,3 @@ def render_report(report: dict) -> str:
 
 
 __all__ = ["METHODS", "PruneError", "check_pruned", "prune", "render_report"]
-
-
-class _CallableModule(types.ModuleType):
-    """`sparseferry.prune` is both this package and the function: importing the package replaces the
-    lazy function of the same name on `sparseferry`, so the package itself forwards calls to `prune`."""
-
-    def __call__(self, *args, **kwargs):
-        return prune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -71,6 +71,15 @@ def _bitmap_forward(self: nn.Module, *args, **kwargs):
     return self._sf_forward(*args, **kwargs)
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -204,7 +213,7 @@ class StreamingEngine:
             "decompress_s": sum(p.decompress_s for p in self.passes),
             "compute_s": max(total - wait, 0.0),
             "io_wait_share": wait / total if total else 0.0,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": _peak_rss_bytes(),
             "rss_before_load_bytes": self.rss_before,
         }
         if self.device.type == "cuda":
