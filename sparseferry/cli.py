@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=None, help="fraction of each linear weight set to zero (default 0.5)")
     p.add_argument("--text", default=None, help="text source: 'stdlib' (default), 'web' (World English Bible, if installed) or a text file")
     p.add_argument("--budget", default=None, help="memory budget while generating, e.g. '50%%' (default) or '100MB'")
-    p.add_argument("--prompt", default=None, help="question asked to the model (default: what a sparse matrix is)")
+    p.add_argument("--prompt", default=None, help="question asked to the model (default: 'What is Python?')")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 32)")
     p.add_argument("--model-dir", default=None, help="the exported demo model (default: the fetch-demo cache folder)")
     p.add_argument("--workdir", default=None, help="where the pruned model and checkpoint go (default: <cache>/demo-run)")

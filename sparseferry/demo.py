@@ -191,7 +191,7 @@ def export_gguf(gguf, dst, *, dtype: str = "bfloat16", progress: bool = True) ->
 # `sparseferry demo`: export -> prune -> convert -> generate under a memory budget -> perplexity
 
 
-DEMO_PROMPT = "What is a sparse matrix? Answer in two sentences."
+DEMO_PROMPT = "What is Python?"  # the calibration text is Python documentation; a 50%-pruned 135M model stays on topic
 STAGES = ("export", "prune", "convert", "generate", "perplexity")
 
 
@@ -202,7 +202,7 @@ class DemoConfig:
     method: str = "wanda"  # pruning method: "magnitude", "wanda" or "sparsegpt"
     sparsity: float = 0.5  # fraction of every decoder linear weight set to zero
     text: str = "stdlib"  # sparseferry.text source: its calibration part prunes, its held-out part measures
-    nsamples: int = 32  # calibration windows ...
+    nsamples: int = 16  # calibration windows ... (16 x 512 keeps Wanda to ~2 minutes on 2 cores)
     seqlen: int = 512  # ... of this many tokens each
     eval_windows: int = 8  # perplexity over this many non-overlapping windows of held-out text (at most)
     eval_seqlen: int = 512  # tokens per perplexity window
