@@ -66,7 +66,7 @@ def _bitmap_forward(self: nn.Module, *args, **kwargs):
     if type(self) is nn.Linear and x.numel() // x.shape[-1] <= MATVEC_MAX_BATCH:
         return sparse_matmul(x, bt, self.bias)
     rows, cols = bt.shape
-    w = self._sf_scratch[: rows * cols * bt.values.element_size()].view(bt.dtype).view(rows, cols)
+    w = self._sf_scratch[: rows * cols * bt.dtype.itemsize].view(bt.dtype).view(rows, cols)
     self._parameters["weight"] = nn.Parameter(decompress(bt, out=w), requires_grad=False)
     return self._sf_forward(*args, **kwargs)
 
