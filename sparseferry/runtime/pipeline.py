@@ -129,6 +129,9 @@ class Pipeline:
         self.broken = False  # a stage failed: the next acquire restarts from scratch
         self.done_layer: dict[int, int] = {}  # n -> the layer its slot (or views) now holds
         self.views_ready: dict[int, dict] = {}  # n -> compressed views (views mode)
+        self.disk_reads = 0  # views mode: disk reads started (the k-th uses readbuf[k % R])
+        self.disk_released = 0  # views mode: disk reads whose buffer compute has released
+        self.disk_of: dict[int, int] = {}  # n -> k
 
     def layer_of(self, n: int) -> int:
         return self.order[(self.base + n) % len(self.order)]
@@ -168,14 +171,24 @@ class Pipeline:
         n = 0
         while True:
             with self.cv:
-                # readbuf[n % R] is free once its previous user is done with it: decompressed, or
-                # (views mode) released by compute. Resident layers need no buffer: read ahead freely.
-                views = self.mode == "views"
-                nbufs = (len(self.readbufs) or len(self.order)) if views else max(self.R, 1)
-                if not self._wait_for(lambda: n - (self.released_n if views else self.decomp_n) < nbufs):
+                disk = self.sources[self.pos[self.layer_of(n)]].tier == "disk"
+                if self.mode == "views":
+                    # A disk read takes readbuf[k % R] (k counts disk reads), free once compute released
+                    # disk read k - R. Resident layers take no buffer: they may run ahead a whole pass.
+                    k = self.disk_reads
+                    ok = (lambda: k - self.disk_released < len(self.readbufs)) if disk else \
+                         (lambda: n - self.released_n < len(self.order))
+                else:
+                    # readbuf[n % R] is free once decompress(n - R) has consumed it.
+                    k = n
+                    ok = lambda: n - self.decomp_n < max(self.R, 1)  # noqa: E731
+                if not self._wait_for(ok):
                     return
+                if disk and self.mode == "views":
+                    self.disk_of[n] = k
+                    self.disk_reads = k + 1
             try:
-                item = self._read(n)
+                item = self._read(n, self.readbufs[k % len(self.readbufs)] if disk else None)
             except BaseException as e:  # noqa: BLE001 - handed to the compute side
                 with self.cv:
                     self.error = e
@@ -189,16 +202,17 @@ class Pipeline:
                 self.cv.notify_all()
             n += 1
 
-    def _read(self, n: int) -> dict:
+    def _read(self, n: int, buf: torch.Tensor | None) -> dict:
         src = self.sources[self.pos[self.layer_of(n)]]
         if src.tier != "disk":
             return {"data": src.data, "index": src.index}
         t0 = time.perf_counter()
-        buf = self.readbufs[n % len(self.readbufs)]
         data = src.reader.read_range(src.start, src.end, buf)
-        views = self.ckpt.layer_views(src.index, data, verify=self.verify)  # raises on checksum mismatch
         self.stats.read_s += time.perf_counter() - t0
         self.stats.bytes_read += src.end - src.start
+        if self.mode == "views":  # verified by the next stage, so the disk can start the next read
+            return {"data": data, "index": src.index, "verify": self.verify}
+        views = self.ckpt.layer_views(src.index, data, verify=self.verify)  # raises on checksum mismatch
         return {"data": data, "index": src.index, "views": views}
 
     # -- decompressor thread: decompress(n) for n = 0, 1, ...
@@ -206,14 +220,14 @@ class Pipeline:
         n = 0
         while True:
             with self.cv:
-                views = self.mode == "views"
-                slots = (len(self.readbufs) or len(self.order)) if views else self.K
+                views = self.mode == "views"  # views: the reader already bounds what is held
+                slots = len(self.order) if views else self.K
                 if not self._wait_for(lambda: n < self.read_n and n - self.released_n < slots):
                     return
                 item = self.pending.pop(n)
             try:
                 if views:
-                    v = item.get("views") or self.ckpt.layer_views(item["index"], item["data"], verify=False)
+                    v = self.ckpt.layer_views(item["index"], item["data"], verify=item.get("verify", False))
                     with self.cv:
                         self.views_ready[n] = v
                 else:
@@ -316,6 +330,9 @@ class Pipeline:
                 self.slot_free_event[n % self.K] = ev
             self.cur = n + 1
             self.released_n = n + 1
+            k = self.disk_of.pop(n, None)
+            if k is not None:
+                self.disk_released = k + 1
             self.cv.notify_all()
 
     def _restart(self, layer: int) -> None:
