@@ -6,17 +6,24 @@ converts. Also imports compressed-tensors "sparse-bitmask" checkpoints without r
 """
 from __future__ import annotations
 
-from .errors import SparseferryError
-
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from .errors import SparseferryError
 from .format import BitmapTensor, FormatError, decode
 from .hf import ModelError, info_from_config_dict, normalize_key, read_config_dict
-from .store import (EXTRA_FILE, CheckpointError, CheckpointWriter, StoredTensor, from_bitmap, layer_file, prepare)
+from .store import (
+    EXTRA_FILE,
+    CheckpointError,
+    CheckpointWriter,
+    StoredTensor,
+    from_bitmap,
+    layer_file,
+    prepare,
+)
 
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # --values: how the non-zero values of bitmap-encoded matrices are stored (docs/FORMAT.md, 1 and 1b)

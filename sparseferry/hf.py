@@ -7,8 +7,6 @@ parameters are tied.
 """
 from __future__ import annotations
 
-from .errors import SparseferryError
-
 import json
 import re
 import warnings
@@ -17,6 +15,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .errors import SparseferryError
 
 
 class ModelError(SparseferryError):

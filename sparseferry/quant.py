@@ -21,8 +21,17 @@ from __future__ import annotations
 import torch
 
 from .errors import SparseferryError
-from .format import (QUANT_FORMATS, SCALE_DTYPE, VALUE_DTYPES, BitmapTensor, QuantBitmapTensor, _unpack, encode,
-                     group_offsets, num_groups)
+from .format import (
+    QUANT_FORMATS,
+    SCALE_DTYPE,
+    VALUE_DTYPES,
+    BitmapTensor,
+    QuantBitmapTensor,
+    _unpack,
+    encode,
+    group_offsets,
+    num_groups,
+)
 
 DEFAULT_GROUP_SIZE = 128
 INT8_MAX = 127  # symmetric: -127..127 (never -128, so the grid is symmetric around 0)

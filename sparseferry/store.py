@@ -7,8 +7,6 @@ layer (one contiguous byte range, read into a caller's buffer, optionally bypass
 """
 from __future__ import annotations
 
-from .errors import SparseferryError
-
 import errno
 import json
 import os
@@ -21,8 +19,16 @@ import torch
 import xxhash
 
 from .encoder import encode_fast
-from .format import (BLOCK_COLS, QUANT_FORMATS, BitmapTensor, FormatError, QuantBitmapTensor, decode,
-                     worth_encoding)
+from .errors import SparseferryError
+from .format import (
+    BLOCK_COLS,
+    QUANT_FORMATS,
+    BitmapTensor,
+    FormatError,
+    QuantBitmapTensor,
+    decode,
+    worth_encoding,
+)
 from .io import FileReader
 
 FORMAT_NAME = "sparseferry"
@@ -401,9 +407,9 @@ class Checkpoint:
     def _mmap(self, rel: str) -> torch.Tensor:
         t = self._mmaps.get(rel)
         if t is None:
-            import numpy as np
-
             import warnings
+
+            import numpy as np
 
             arr = np.memmap(self.path / rel, dtype=np.uint8, mode="r")
             with warnings.catch_warnings():

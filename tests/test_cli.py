@@ -13,8 +13,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import (
+    assert_bit_equal,
+    assert_nothing_written,
+    make_checkpoint,
+    make_tiny_model,
+)
 
-from conftest import assert_bit_equal, assert_nothing_written, make_checkpoint, make_tiny_model
 from sparseferry.cli import main
 from sparseferry.store import MANIFEST, layer_file, open_checkpoint
 

@@ -8,10 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    ARCHS,
+    assert_bit_equal,
+    assert_nothing_written,
+    file_size_limit,
+    leftovers,
+    linear_modules,
+    make_tiny_model,
+    read_json,
+    tied_weights,
+)
 from safetensors.torch import load_file, save_file
 
-from conftest import (ARCHS, assert_bit_equal, assert_nothing_written, file_size_limit, leftovers, linear_modules,
-                      make_tiny_model, read_json, tied_weights)
 from sparseferry.convert import ConvertError, convert
 from sparseferry.errors import SparseferryError
 from sparseferry.format import BitmapTensor

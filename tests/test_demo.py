@@ -20,8 +20,20 @@ from pathlib import Path
 
 import pytest
 
-from sparseferry.demo import (MARKER, QUICK, STAGES, DemoConfig, DemoError, DemoUnavailableError, cache_root,
-                              default_model_dir, demo_config, ensure_demo_model, find_gguf, install_wheel)
+from sparseferry.demo import (
+    MARKER,
+    QUICK,
+    STAGES,
+    DemoConfig,
+    DemoError,
+    DemoUnavailableError,
+    cache_root,
+    default_model_dir,
+    demo_config,
+    ensure_demo_model,
+    find_gguf,
+    install_wheel,
+)
 from sparseferry.errors import SparseferryError
 
 CHAT_PROMPT = "What is the capital of France?"

@@ -9,11 +9,10 @@ import random
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
 from sparseferry.errors import SparseferryError
 from sparseferry.evaluate import EvalError, perplexity, windows
-
-from conftest import make_tiny_model
 
 TEXT = " ".join(random.Random(0).choice("the of and to in is was for on that with as by at".split()) for _ in range(120))
 

@@ -15,8 +15,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparseferry.format import (BLOCK_COLS, BitmapTensor, FormatError, bitmap_nbytes, decode, encode,
-                                format_table)
+from sparseferry.format import (
+    BLOCK_COLS,
+    BitmapTensor,
+    FormatError,
+    bitmap_nbytes,
+    decode,
+    encode,
+    format_table,
+)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from conftest import assert_nothing_written, make_tiny_model
 
 import sparseferry
 from sparseferry.errors import SparseferryError
@@ -19,8 +20,6 @@ from sparseferry.prune.masks import PruneError, nm_valid, parse_pattern
 from sparseferry.prune.samples import calibration_samples
 from sparseferry.prune.sparsegpt import SparseGPT
 from sparseferry.prune.wanda import Wanda
-
-from conftest import assert_nothing_written, make_tiny_model
 
 WORDS = ("the a of to and in is it that for on with as was by at be this from or have an are not but what all "
          "were when we there can which their if do will each about how up out them then she many some so").split()

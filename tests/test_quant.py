@@ -15,6 +15,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import assert_bit_equal, make_tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,11 +23,15 @@ import sparseferry
 from sparseferry.cli import main as cli_main
 from sparseferry.convert import ConvertError, convert
 from sparseferry.format import FormatError, QuantBitmapTensor, decode, encode
-from sparseferry.quant import QuantError, pack_int4, quantize, relative_error, unpack_int4
+from sparseferry.quant import (
+    QuantError,
+    pack_int4,
+    quantize,
+    relative_error,
+    unpack_int4,
+)
 from sparseferry.report import inspect_checkpoint, render_inspect
 from sparseferry.store import MANIFEST, CheckpointError, open_checkpoint
-
-from conftest import assert_bit_equal, make_tiny_model
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SLACK = 2.0**-49  # the float64 division v / s in the quantizer, relative to s

@@ -14,13 +14,12 @@ import textwrap
 
 import pytest
 import torch
+from conftest import ARCHS, make_checkpoint
 
 import sparseferry
 from sparseferry.runtime import BudgetError, RuntimeLoadError, parse_budget
 from sparseferry.runtime.plan import make_plan
 from sparseferry.store import CheckpointError, open_checkpoint
-
-from conftest import ARCHS, make_checkpoint
 
 
 def minimum_budget(ckpt_dir, **load_kw) -> int:

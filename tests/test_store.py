@@ -11,13 +11,27 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
+from conftest import (
+    assert_bit_equal,
+    assert_nothing_written,
+    file_size_limit,
+    leftovers,
+    magnitude_prune_,
+)
 from safetensors.torch import load_file
 
-from conftest import assert_bit_equal, assert_nothing_written, file_size_limit, leftovers, magnitude_prune_
 from sparseferry.format import BitmapTensor, encode
 from sparseferry.io import FileReader, aligned_empty, buffer_size_for
-from sparseferry.store import (EXTRA_FILE, MANIFEST, CheckpointError, CheckpointWriter, from_bitmap, layer_file,
-                               open_checkpoint, prepare)
+from sparseferry.store import (
+    EXTRA_FILE,
+    MANIFEST,
+    CheckpointError,
+    CheckpointWriter,
+    from_bitmap,
+    layer_file,
+    open_checkpoint,
+    prepare,
+)
 
 _ELEM = {"I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "U8": 1}
 

@@ -6,8 +6,17 @@ import json
 import pytest
 import torch
 
-from sparseferry.synth import (LADDER, Shape, SynthError, choose_shape, count_params, magnitude_prune_, parse_params,
-                               read_marker, synth)
+from sparseferry.synth import (
+    LADDER,
+    Shape,
+    SynthError,
+    choose_shape,
+    count_params,
+    magnitude_prune_,
+    parse_params,
+    read_marker,
+    synth,
+)
 
 TINY = dict(params="1.5M", vocab=512, shard_bytes=400_000, progress=False)
 

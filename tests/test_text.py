@@ -16,9 +16,20 @@ from pathlib import Path
 import pytest
 
 from sparseferry.errors import SparseferryError
-from sparseferry.text import (HELDOUT_MODULUS, TextSourceError, available_sources, calibration_text, evaluation_text,
-                              find_sword_module, is_heldout, module_docstrings, normalize, read_sword_ztext,
-                              source_units, stdlib_docstrings)
+from sparseferry.text import (
+    HELDOUT_MODULUS,
+    TextSourceError,
+    available_sources,
+    calibration_text,
+    evaluation_text,
+    find_sword_module,
+    is_heldout,
+    module_docstrings,
+    normalize,
+    read_sword_ztext,
+    source_units,
+    stdlib_docstrings,
+)
 
 # ------------------------------------------------------------------------------------------------ stdlib
 

@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import SparseferryError
-from ..format import SCALE_DTYPE, VALUE_DTYPES, BitmapTensor, FormatError, QuantBitmapTensor
+from ..format import (
+    SCALE_DTYPE,
+    VALUE_DTYPES,
+    BitmapTensor,
+    FormatError,
+    QuantBitmapTensor,
+)
 
 try:
     from .. import _native

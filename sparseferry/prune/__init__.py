@@ -22,9 +22,15 @@ from pathlib import Path
 
 import torch
 
-from .calibration import capture_layer_inputs, collect_statistics, linear_modules, run_layer, scoring_weight
+from .calibration import (
+    capture_layer_inputs,
+    collect_statistics,
+    linear_modules,
+    run_layer,
+    scoring_weight,
+)
 from .magnitude import Magnitude
-from .masks import PruneError, check_sparsity, nm_valid, parse_pattern, sparsity_of
+from .masks import PruneError, check_sparsity, nm_valid, parse_pattern
 from .memory import estimate_memory
 from .samples import calibration_samples, looks_like_path
 from .source import open_source

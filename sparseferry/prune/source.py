@@ -12,7 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..hf import ModelError, config_from_dict, find_decoder_layers, model_info, normalize_key, read_config_dict
+from ..hf import (
+    ModelError,
+    config_from_dict,
+    find_decoder_layers,
+    model_info,
+    normalize_key,
+    read_config_dict,
+)
 
 _SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")

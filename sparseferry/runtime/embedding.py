@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-from ..store import Checkpoint, CheckpointError, digest
+from ..store import Checkpoint, CheckpointError
 
 
 class RowReader:
