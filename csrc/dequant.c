@@ -26,23 +26,6 @@
 /* ------------------------------------------------------------------------------------------ */
 /* Scalar conversions                                                                          */
 
-static float h2f(uint16_t h) { /* IEEE binary16 -> binary32, exact */
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-    if (exp == 0x1f) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else if (exp) {
-        u = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man) {
-        int e = -1;
-        do { man <<= 1; e++; } while (!(man & 0x400));
-        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
-    } else {
-        u = sign;
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 static uint16_t f2bf(float f) { /* round to nearest even (inputs are finite here) */
     uint32_t x;
@@ -197,7 +180,7 @@ static void dequant_run(span_fn span, const sf_quant *q, int64_t start, int64_t 
         int64_t k = a - start, g = k / q->group_size;
         int64_t e = start + (g + 1) * q->group_size;
         if (e > b) e = b;
-        float scale = h2f(q->scales[gstart + g]);
+        float scale = sf_f16_to_f32(q->scales[gstart + g]);
         int zero = q->zeros ? q->zeros[gstart + g] : 0;
         span(q->qbits, q->codes, a, e - a, zero, scale, out_dtype, dst);
         dst = (char *)dst + (e - a) * es;

@@ -29,23 +29,6 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-static float f16_to_f32(uint16_t h) { /* IEEE binary16 -> binary32, exact (subnormals, Inf, NaN) */
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-    if (exp == 0x1f) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else if (exp) {
-        u = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man) { /* subnormal: normalize */
-        int e = -1;
-        do { man <<= 1; e++; } while (!(man & 0x400));
-        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
-    } else {
-        u = sign;
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Decode-then-dot (C and AVX2 paths)                                                          */
@@ -62,7 +45,7 @@ static float dot_c(int dtype, const void *w, const float *x, int64_t n) {
         for (int64_t j = 0; j < n; j++) acc += bf16_to_f32(v[j]) * x[j];
     } else {
         const uint16_t *v = (const uint16_t *)w;
-        for (int64_t j = 0; j < n; j++) acc += f16_to_f32(v[j]) * x[j];
+        for (int64_t j = 0; j < n; j++) acc += sf_f16_to_f32(v[j]) * x[j];
     }
     return acc;
 }

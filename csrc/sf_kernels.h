@@ -17,6 +17,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* x86-64 vector paths; elsewhere (or with -DSF_PORTABLE_ONLY, to check that build) just the C path. */
 #if defined(__x86_64__) && !defined(SF_PORTABLE_ONLY)
@@ -91,5 +92,23 @@ sf_row_decoder sf_pick_row_decoder(int path, int elem_size);
 
 /* Threads worth using for `bytes` of output over `rows` rows (>= 1, <= threads). */
 int sf_threads_for(int threads, int64_t rows, int64_t bytes);
+
+static inline float sf_f16_to_f32(uint16_t h) { /* IEEE binary16 -> binary32, exact (subnormals, Inf, NaN) */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man) { /* subnormal: normalize */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    } else {
+        u = sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 
 #endif
