@@ -166,6 +166,12 @@ class Pipeline:
             self.cv.wait(0.1)
         return not self.stop
 
+    def _fail(self, e: BaseException) -> None:
+        """A stage failed: the compute side raises `e` at its next wait."""
+        with self.cv:
+            self.error = e
+            self.cv.notify_all()
+
     # -- reader thread: read(n) for n = 0, 1, ...
     def _reader(self) -> None:
         n = 0
@@ -190,10 +196,7 @@ class Pipeline:
             try:
                 item = self._read(n, self.readbufs[k % len(self.readbufs)] if disk else None)
             except BaseException as e:  # noqa: BLE001 - handed to the compute side
-                with self.cv:
-                    self.error = e
-                    self.cv.notify_all()
-                return
+                return self._fail(e)
             with self.cv:
                 if self.stop:
                     return
@@ -232,11 +235,8 @@ class Pipeline:
                         self.views_ready[n] = v
                 else:
                     self._decompress_into(n, item)
-            except BaseException as e:  # noqa: BLE001
-                with self.cv:
-                    self.error = e
-                    self.cv.notify_all()
-                return
+            except BaseException as e:  # noqa: BLE001 - handed to the compute side
+                return self._fail(e)
             with self.cv:
                 if self.stop:
                     return
