@@ -275,6 +275,7 @@ RSS_SCRIPT = textwrap.dedent("""
     total = model.sparseferry.ckpt.stored_bytes()
     print(json.dumps({"before": before, "peak": peak, "budget": parse_budget(budget, total), "stored": total,
                       "dense": model.sparseferry.ckpt.dense_bytes(), "plan": model.sparseferry.plan.summary()}))
+    model.sparseferry.close()
 """)
 
 # What the process may hold beyond the weight budget: activations and KV cache of this short

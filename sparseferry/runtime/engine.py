@@ -9,9 +9,11 @@ batching and the KV cache are exactly transformers'.
 """
 from __future__ import annotations
 
+import atexit
 import resource
 import time
 import types
+import weakref
 import warnings
 from dataclasses import dataclass
 
@@ -95,6 +97,17 @@ class PassRecord:
     decompress_s: float
 
 
+_LIVE: "weakref.WeakSet[StreamingEngine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop every pipeline before the interpreter tears down: a daemon thread still inside torch
+    during finalisation can abort the process."""
+    for engine in list(_LIVE):
+        engine.close()
+
+
 class StreamingEngine:
     """Owns the plan, the pipeline and the hooks of one loaded model; `model.sparseferry` points here."""
 
@@ -108,6 +121,7 @@ class StreamingEngine:
         self.compute_s = 0.0
         self._pass_t0 = None
         self._handles = []
+        _LIVE.add(self)
         self.scratch = None
         if self.pipeline is not None and self.pipeline.mode == "views":
             self._patch_bitmap_modules()
