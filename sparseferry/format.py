@@ -305,16 +305,21 @@ def decode(bt: BitmapTensor, device=None, out: torch.Tensor | None = None) -> to
     device = torch.device(device) if device is not None else bt.device
     if bt.device != device:
         bt = bt.to(device)
+    return scatter_values(bt, bt.values, out)
+
+
+def scatter_values(bt: BitmapTensor, values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense matrix with `values` (one per set bit, row-major, in bt.dtype) at bt's set bits, zeros
+    elsewhere; into `out` (checked, zeroed first) when given. Shared by the plain and quantized decoders."""
     rows, cols = bt.shape
-    mask = _unpack(bt.bitmask, cols)
     if out is None:
-        out = torch.zeros(rows, cols, dtype=bt.dtype, device=device)
+        out = torch.zeros(rows, cols, dtype=bt.dtype, device=bt.device)
     else:
         if tuple(out.shape) != (rows, cols) or out.dtype != bt.dtype:
             raise FormatError(f"decode: out is {out.dtype} {list(out.shape)}, expected {bt.dtype} {[rows, cols]}")
         out.zero_()
     # masked_scatter fills the True positions in row-major order: exactly the order of `values`.
-    out.masked_scatter_(mask, bt.values)
+    out.masked_scatter_(_unpack(bt.bitmask, cols), values)
     return out
 
 

@@ -27,7 +27,6 @@ from .format import (
     VALUE_DTYPES,
     BitmapTensor,
     QuantBitmapTensor,
-    _unpack,
     encode,
     group_offsets,
     num_groups,
@@ -153,20 +152,12 @@ def decode_quant(qbt: QuantBitmapTensor, device=None, out: torch.Tensor | None =
     out_dtype (which may itself be 0: the position still counts as a non-zero of the pattern).
     With `out`, fills that preallocated tensor (shape and dtype must match) and returns it.
     """
-    from .format import FormatError
+    from .format import scatter_values
 
     device = torch.device(device) if device is not None else qbt.device
     if qbt.device != device:
         qbt = qbt.to(device)
-    rows, cols = qbt.shape
-    if out is None:
-        out = torch.zeros(rows, cols, dtype=qbt.out_dtype, device=device)
-    else:
-        if tuple(out.shape) != (rows, cols) or out.dtype != qbt.out_dtype:
-            raise FormatError(f"decode: out is {out.dtype} {list(out.shape)}, expected {qbt.out_dtype} {[rows, cols]}")
-        out.zero_()
-    out.masked_scatter_(_unpack(qbt.bitmask, cols), dequantize_values(qbt).to(qbt.out_dtype))
-    return out
+    return scatter_values(qbt, dequantize_values(qbt).to(qbt.out_dtype), out)
 
 
 def relative_error(reference: BitmapTensor | torch.Tensor, qbt: QuantBitmapTensor) -> float:

@@ -391,14 +391,21 @@ def test_native_kernels_reject_group_offsets_outside_scales(native_path, monkeyp
 TRITON_SHAPES = [(1, 1), (7, 17), (3, 65), (2, BLOCK_COLS - 1), (3, BLOCK_COLS + 1), (1, 3 * BLOCK_COLS)]
 
 
-def test_triton_decompress_is_bit_exact_in_the_interpreter():
+def rerun_in_triton_interpreter(test) -> bool:
+    """Triton reads TRITON_INTERPRET when first imported: unless it is set here, run `test` again in a
+    fresh process that sets it (asserting it passed) and return True; return False to run it here."""
     pytest.importorskip("triton", reason="triton is not installed (the gpu extra)")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        # triton reads TRITON_INTERPRET when first imported: run this test again in a fresh process
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"{__file__}::{test_triton_decompress_is_bit_exact_in_the_interpreter.__name__}"]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"{__file__}::{test.__name__}"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    return True
+
+
+def test_triton_decompress_is_bit_exact_in_the_interpreter():
+    if rerun_in_triton_interpreter(test_triton_decompress_is_bit_exact_in_the_interpreter):
         return
     from sparseferry.kernels import triton_kernels
 
@@ -416,13 +423,7 @@ def test_triton_decompress_is_bit_exact_in_the_interpreter():
 
 
 def test_triton_quantized_decompress_is_bit_exact_in_the_interpreter():
-    pytest.importorskip("triton", reason="triton is not installed (the gpu extra)")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        name = test_triton_quantized_decompress_is_bit_exact_in_the_interpreter.__name__
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"{__file__}::{name}"]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    if rerun_in_triton_interpreter(test_triton_quantized_decompress_is_bit_exact_in_the_interpreter):
         return
     from sparseferry.kernels import triton_kernels
 

@@ -13,8 +13,8 @@ import atexit
 import resource
 import time
 import types
-import weakref
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
