@@ -223,7 +223,8 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"convert {src.name}", disable=not progress)
     writer = CheckpointWriter(dst, config=out_cfg, architecture=info.architecture, layers_prefix=info.layers_prefix,
                               num_layers=info.num_layers, tied=tied, force=force,
-                              extra={"source": {"path": str(src.resolve()), "compressed_tensors": ct is not None}}
+                              extra={"source": {"path": str(src.resolve()), "compressed_tensors": ct is not None,
+                                                "keys": _renamed_keys(dense_src, bitmap_src, stored_names)}}
                               | ({"values": {"format": quant, "group_size": group_size}} if quant else {}))
     with writer, bar:  # on error: the bar ends its line before the error is printed, the writer cleans up
         for rel, layer, group in groups:
@@ -274,6 +275,12 @@ def _source_key_renamer(model):
         return key
 
     return rename
+
+
+def _renamed_keys(dense_src: dict, bitmap_src: dict, names) -> dict[str, str]:
+    """{parameter name: source key} where they differ, so `export` can write the source's names back."""
+    keys = {n: dense_src[n] if n in dense_src else f"{bitmap_src[n]}.weight" for n in names}
+    return {n: k for n, k in keys.items() if n != k}
 
 
 def _dense_nbytes(st: StoredTensor) -> int:
