@@ -15,6 +15,7 @@ import torch
 from .errors import SparseferryError
 from .format import BitmapTensor, FormatError, decode
 from .hf import ModelError, info_from_config_dict, normalize_key, read_config_dict
+from .sparse24 import SPARSE24_FORMATS, SPARSE24_PARTS, Sparse24Error, is_sparse24, sparse24_to_dense
 from .store import (
     EXTRA_FILE,
     CheckpointError,
@@ -102,7 +103,7 @@ def sparse_bitmask_config(cfg: dict) -> dict | None:
     if not isinstance(qc, dict):
         return None
     sc = qc.get("sparsity_config") or {}
-    if sc.get("format") not in ("sparse-bitmask", "sparse_bitmask"):
+    if sc.get("format") not in ("sparse-bitmask", "sparse_bitmask", *SPARSE24_FORMATS):
         return None
     if qc.get("config_groups") and qc.get("format") not in (None, "dense"):
         raise ConvertError(f"compressed-tensors checkpoint is quantized (format {qc.get('format')!r}): only dense-valued sparse-bitmask is supported")
@@ -180,6 +181,15 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
         sparse_names |= info.embedding_weights
 
     def load(name: str) -> StoredTensor:
+        if name in bitmap_src and is_sparse24(ct):  # 2:4 layout: scattered to dense, then encoded as ours
+            p = bitmap_src[name]
+            try:
+                w = sparse24_to_dense({part: weights.get(f"{p}.{part}") for part in SPARSE24_PARTS if f"{p}.{part}" in weights._where}, p)
+            except Sparse24Error as e:
+                raise ConvertError(f"{src}: {e}") from None
+            w = w.to(cast) if cast is not None else w
+            w = w.to(value_cast) if value_cast is not None else w
+            return prepare(name, w, sparse=True, values=quant, group_size=group_size)
         if name in bitmap_src:
             p = bitmap_src[name]
             try:
@@ -303,7 +313,7 @@ def _nbytes(weights: SourceWeights, dense_key: str | None, bitmap_prefix: str | 
                 return n * _ST_ITEMSIZE.get(sl.get_dtype(), 2)
             t = weights._bins[p][dense_key]
             return t.numel() * t.element_size()
-        shape = weights.get(f"{bitmap_prefix}.shape").tolist()
+        shape = weights.get(f"{bitmap_prefix}.shape").flatten().tolist()
         return int(shape[0]) * int(shape[1]) * weights.get(f"{bitmap_prefix}.compressed").element_size()
     except Exception:  # noqa: BLE001 - only for the progress bar
         return 0

@@ -163,15 +163,21 @@ def test_the_compressed_tensors_export_has_the_sparse_bitmask_layout_and_config(
     assert 0.3 < qc["sparsity_config"]["global_sparsity"] < 0.5
 
 
-def test_a_2_4_checkpoint_says_2_4_in_its_sparsity_config(tmp_path):
-    src, model = make_tiny_model("llama", tmp_path, sparsity=None)
+def make_2_4_model(tmp_path, arch: str = "llama"):
+    """A tiny dense-stored model whose decoder linear weights keep the 2 largest of every 4."""
+    src, model = make_tiny_model(arch, tmp_path, sparsity=None, name=f"{arch}-2-4")
     for name, p in model.named_parameters():
         if ".layers." in name and name.endswith("_proj.weight"):
             w = p.data.view(p.shape[0], -1, 4)
             keep = w.abs().topk(2, dim=-1).indices
             mask = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, keep, True)
-            p.data.copy_((w * mask).view_as(p))
+            p.data.copy_(w.masked_fill(~mask, 0).view_as(p))  # +0.0 where pruned (w * mask gives -0.0)
     model.save_pretrained(src)
+    return src, model
+
+
+def test_a_2_4_checkpoint_says_2_4_in_its_sparsity_config(tmp_path):
+    src, _ = make_2_4_model(tmp_path)
     ckpt = tmp_path / "ckpt"
     convert(src, ckpt, progress=False)
     export(ckpt, tmp_path / "ct", to="compressed-tensors", progress=False)
@@ -208,35 +214,64 @@ def compressed_tensors_0_14(tmp_path_factory):
     return target
 
 
-_DECOMPRESS = """
-import sys, torch
+_CT_SCRIPT = """
+import json, sys
+from pathlib import Path
+from safetensors import safe_open
 from safetensors.torch import save_file
 import compressed_tensors
-from compressed_tensors.compressors import ModelCompressor
-assert compressed_tensors.__version__ == sys.argv[1], compressed_tensors.__version__
-for folder, dst in zip(sys.argv[2::2], sys.argv[3::2]):
+from compressed_tensors.compressors import ModelCompressor, Sparse24BitMaskCompressor
+from compressed_tensors.config import Sparse24BitMaskConfig
+spec = json.loads(sys.argv[1])
+assert compressed_tensors.__version__ == spec["version"], compressed_tensors.__version__
+for folder, dst in spec["decompress"]:  # our export, decompressed by compressed-tensors' own code
     mc = ModelCompressor.from_pretrained(folder)
     assert mc.sparsity_config.format == "sparse-bitmask", mc.sparsity_config
     save_file({name: t.contiguous() for name, t in mc.sparsity_compressor.decompress(folder)}, dst)
+src, dst, targets = spec["compress24"]  # a dense 2:4 folder, compressed by compressed-tensors' own code
+with safe_open(Path(src) / "model.safetensors", framework="pt") as f:
+    sd = {k: f.get_tensor(k) for k in f.keys()}
+cfg = Sparse24BitMaskConfig(targets=["Linear"], ignore=["lm_head"], sparsity_structure="2:4")
+save_file(Sparse24BitMaskCompressor(config=cfg).compress(sd, compression_targets=set(targets)),
+          Path(dst) / "model.safetensors", metadata={"format": "pt"})
+config = json.loads((Path(src) / "config.json").read_text())
+config["quantization_config"] = {"quant_method": "compressed-tensors", "version": compressed_tensors.__version__,
+                                 "sparsity_config": cfg.model_dump(), "transform_config": {}}
+(Path(dst) / "config.json").write_text(json.dumps(config))
 """
 
 
-def test_compressed_tensors_0_14_decompresses_the_export_bit_exactly(tmp_path, compressed_tensors_0_14):
+def test_compressed_tensors_0_14_reads_our_export_and_writes_sparse_24_we_import(tmp_path, compressed_tensors_0_14):
     cases = {}
     for arch in ("llama", "gpt2"):  # nn.Linear and GPT-2's transposed Conv1D
         ckpt, _ = make_checkpoint(arch, tmp_path)
         export(ckpt, tmp_path / f"{arch}-ct", to="compressed-tensors", progress=False)
         cases[arch] = (ckpt, tmp_path / f"{arch}-ct", tmp_path / f"{arch}-decompressed.safetensors")
-    args = [a for _, out, dec in cases.values() for a in (str(out), str(dec))]
-    r = subprocess.run([sys.executable, "-c", _DECOMPRESS, CT_VERSION, *args], capture_output=True, text=True,
+    src24, model24 = make_2_4_model(tmp_path)
+    dst24 = tmp_path / "sparse24"
+    dst24.mkdir()
+    targets = [n for n, m in model24.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear)]
+    spec = {"version": CT_VERSION, "decompress": [(str(out), str(dec)) for _, out, dec in cases.values()],
+            "compress24": (str(src24), str(dst24), targets)}
+    r = subprocess.run([sys.executable, "-c", _CT_SCRIPT, json.dumps(spec)], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(compressed_tensors_0_14)), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    for arch, (ckpt, _, dec) in cases.items():
+    for arch, (ckpt, _, dec) in cases.items():  # 1. compressed-tensors decompresses our export bit for bit
         c = open_checkpoint(ckpt)
         with safe_open(dec, framework="pt") as f:
             assert set(f.keys()) == set(c.tensors), arch
             for n in c.tensors:
                 assert_bit_equal(f.get_tensor(n), c.load(n), f"{arch} {n}")
+    with safe_open(dst24 / "model.safetensors", framework="pt") as f:  # 2. its sparse-24-bitmask imports bit for bit
+        assert f"{targets[0]}.compressed" in f.keys() and f"{targets[0]}.row_offsets" not in f.keys()
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (dst24 / name).write_bytes((src24 / name).read_bytes())
+    ckpt24 = tmp_path / "sparse24-sf"
+    convert(dst24, ckpt24, progress=False)
+    c = open_checkpoint(ckpt24)
+    for n, p in model24.state_dict().items():
+        if n in c.tensors:
+            assert_bit_equal(c.load(n), p, n)
 
 
 # ----------------------------------------------------------------------------------------------
