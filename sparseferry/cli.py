@@ -36,18 +36,47 @@ def _cmd_inspect(a) -> int:
     return 0
 
 
+def _read_prompts(a) -> list[str]:
+    """--prompt (repeatable), else --prompt-file (FILE or '-' for stdin), else stdin when it is not a terminal."""
+    if a.prompt and a.prompt_file:
+        raise SparseferryError("give --prompt or --prompt-file, not both")
+    if a.prompt:
+        return a.prompt
+    if a.prompt_file:
+        try:
+            text = sys.stdin.read() if a.prompt_file == "-" else Path(a.prompt_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SparseferryError(f"{a.prompt_file}: cannot read the prompt ({e})") from None
+    elif not sys.stdin.isatty():
+        text = sys.stdin.read()
+    else:
+        raise SparseferryError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe the prompt into stdin")
+    text = text.rstrip("\n")
+    if not text.strip():
+        raise SparseferryError(f"the prompt from {a.prompt_file or 'stdin'} is empty")
+    return [text]
+
+
 def _cmd_generate(a) -> int:
     from .runtime import format_bytes, generate_text, load, load_tokenizer
 
+    prompts = _read_prompts(a)
+    if a.threads is not None:
+        if a.threads < 1:
+            raise SparseferryError(f"--threads {a.threads}: expected at least 1")
+        import torch
+
+        torch.set_num_threads(a.threads)
     model = load(a.dir, device=a.device, memory_budget=a.budget, storage=a.storage, direct_io=not a.page_cache,
                  verify=not a.no_verify)
     engine = model.sparseferry
     try:
         if not a.json:
             print(f"[{engine.plan.summary()}]", file=sys.stderr)
-        summary, texts = generate_text(model, load_tokenizer(a.dir), a.prompt, max_new_tokens=a.max_new_tokens,
+        summary, texts = generate_text(model, load_tokenizer(a.dir), prompts, max_new_tokens=a.max_new_tokens,
                                        do_sample=a.temperature > 0, temperature=a.temperature, top_p=a.top_p,
-                                       seed=a.seed, stream=not a.json)
+                                       top_k=a.top_k, repetition_penalty=a.repetition_penalty, stop=a.stop,
+                                       chat=not a.raw, system=a.system, seed=a.seed, stream=not a.json)
     finally:
         engine.close()
     if a.json:
@@ -62,9 +91,28 @@ def _cmd_generate(a) -> int:
     return 0
 
 
+def _cmd_export(a) -> int:
+    from .export import export
+
+    res = export(a.dir, a.out, to=a.to, dtype=a.dtype, max_shard_size=a.max_shard_size, force=a.force,
+                 progress=not a.quiet)
+    print(f"wrote {res['path']}: {a.to}, {res['tensors']} tensors in {res['shards']} shard(s), "
+          f"{res['bytes'] / 1e9:.3f} GB, {res['seconds']:.1f} s")
+    if a.to == "compressed-tensors":
+        from .export import CT_VERSION
+
+        print(f"warning: load it with compressed-tensors <= {CT_VERSION} (and transformers < 5), or with sparseferry. "
+              "Later compressed-tensors releases have no sparse compressors: current transformers loads this folder "
+              "without an error but with uninitialised (random) linear weights", file=sys.stderr)
+    return 0
+
+
 def _cmd_prune(a) -> int:
     from .prune import prune, render_report
 
+    if a.calib is None and a.method != "magnitude" and not a.json:
+        print("calibration: the built-in text (Python standard-library docstrings, sparseferry.text); "
+              "--calib FILE to use your own", file=sys.stderr)
     rep = prune(a.src, a.dst, method=a.method, sparsity=a.sparsity, pattern=a.pattern,
                 calibration=Path(a.calib) if a.calib else None,
                 nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, per_row=a.per_row, budget=a.budget,
@@ -128,16 +176,20 @@ def _cmd_bench(a) -> int:
         for p in doc["points"]:
             print(f"sparsity {p['sparsity']:g}, budget {p['budget']}: {p['speedup_vs_accelerate'] or 0:.2f}x vs Accelerate "
                   f"({p['decode_s_per_token'] * 1e3:.0f} ms/token)")
-        print(f"wrote {a.out}/sweep.json and sweep.png")
+        print(f"wrote {a.out}/sweep.json" + (" and sweep.png" if (Path(a.out) / "sweep.png").exists() else ""))
         return 0
     res = bench(a.model_dir, budget=a.budget, sparsity=a.sparsity, dense_dir=a.dense_dir, **common)
     print(json.dumps(res, indent=1) if a.json else render_table(res))
-    print(f"wrote {a.out}/results.json, results.md, results.png", file=sys.stderr)
+    print(f"wrote {a.out}/results.json, results.md" + (", results.png" if (Path(a.out) / "results.png").exists() else ""),
+          file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="sparseferry", description="Run LLMs larger than memory from bitmap-compressed sparse weights.")
+    ap.add_argument("--version", action="version", version=f"sparseferry {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("convert", help="convert a HuggingFace checkpoint folder into a sparseferry checkpoint")
@@ -161,21 +213,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("generate", help="generate text from a sparseferry checkpoint under a memory budget")
+    p = sub.add_parser("generate", help="generate text from a sparseferry checkpoint under a memory budget",
+                       description="Generate text from a sparseferry checkpoint. Prompts go through the model's chat "
+                                   "template when it has one (--raw to send them as they are).")
     p.add_argument("dir", help="sparseferry checkpoint folder")
-    p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("-p", "--prompt", action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("-f", "--prompt-file", metavar="FILE", help="read the prompt from FILE ('-' = stdin); "
+                   "without --prompt or --prompt-file a piped stdin is the prompt")
+    p.add_argument("--system", "--system-prompt", dest="system", default=None, help="system prompt (needs a chat template)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template: the prompt is the model's input as it is")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=32)
     p.add_argument("--budget", default=None, help="memory budget for weights: '4GiB', '512MB' or '30%%' of the stored weights (default: no limit)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--storage", choices=["disk", "host"], default="disk", help="where streamed layers live (default disk)")
     p.add_argument("--page-cache", action="store_true", help="disk reads through the page cache (default: bypass it, O_DIRECT)")
     p.add_argument("--no-verify", action="store_true", help="skip checksum verification of streamed layers")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", "--temp", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens (default: all)")
+    p.add_argument("--repetition-penalty", "--repeat-penalty", dest="repetition_penalty", type=float, default=None,
+                   help="penalise tokens already present (transformers' repetition_penalty; 1.0 = none, default)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop when TEXT is generated (repeatable)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for compute (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=_cmd_generate)
 
+    p = sub.add_parser("export", help="write a checkpoint as a HuggingFace folder (dense) or compressed-tensors sparse-bitmask",
+                       description="Write a sparseferry checkpoint back out, one tensor at a time: --to hf gives plain "
+                                   "sharded safetensors that transformers, vLLM and llama.cpp's converter read (quantized "
+                                   "values dequantized); --to compressed-tensors gives the sparse-bitmask layout of "
+                                   "compressed-tensors 0.14.0.1.")
+    p.add_argument("dir", help="sparseferry checkpoint folder")
+    p.add_argument("out", help="output folder (must not exist unless --force)")
+    p.add_argument("--to", choices=["hf", "compressed-tensors"], default="hf", help="output layout (default hf)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="cast weights (default: as stored)")
+    p.add_argument("--max-shard-size", default="5GB", help="tensor bytes per safetensors shard (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("prune", help="prune a HuggingFace model (magnitude, Wanda, SparseGPT) into a sparseferry checkpoint")
     p.add_argument("src", help="HuggingFace model folder")
@@ -183,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="wanda", help="default wanda")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each linear weight set to zero (default 0.5)")
     p.add_argument("--pattern", default=None, metavar="N:M", help="semi-structured: keep N of every M weights, e.g. 2:4 (overrides --sparsity)")
-    p.add_argument("--calib", default=None, metavar="FILE", help="calibration text: plain text, or JSONL with a \"text\" field (needed by wanda, sparsegpt)")
+    p.add_argument("--calib", default=None, metavar="FILE", help="calibration text: plain text, or JSONL with a \"text\" field (wanda, sparsegpt; default: the "
+                        "built-in text, Python standard-library docstrings)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")

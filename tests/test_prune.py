@@ -281,7 +281,6 @@ def test_cli_prune(folders, tmp_path, capsys):
     (dict(pattern="two:four"), "does not parse"),
     (dict(pattern="1:3"), "not divisible by M=3"),
     (dict(method="obs"), "unknown pruning method"),
-    (dict(method="wanda"), "needs calibration text"),
     (dict(method="sparsegpt", calibration="no/such/file.txt"), "not found"),
     (dict(method="wanda", calibration="EMPTY"), "empty"),
     (dict(method="wanda", calibration="SHORT"), "shorter than one sample"),

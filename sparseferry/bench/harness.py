@@ -104,6 +104,29 @@ def converted(src: Path, workdir: Path, options: dict, progress: bool) -> Path:
     return dst
 
 
+def check_feasible(systems, ckpts: dict, budget_bytes: int, storage: str) -> None:
+    """BenchError listing every system that cannot run under `budget_bytes` (with its minimum), or nothing.
+
+    sparseferry's plan is made exactly as its worker's `load` will make it; Accelerate offloads any
+    share of the weights, so it only needs a positive budget.
+    """
+    from ..runtime.budget import BudgetError, format_bytes
+    from ..runtime.preflight import plan_for
+
+    problems = []
+    for s in systems:
+        if s.runner != "sparseferry":
+            continue
+        try:
+            plan_for(ckpts[s.name], budget_bytes, storage=storage, device="cpu")
+        except BudgetError as e:
+            need = f"needs at least {format_bytes(e.minimum_bytes)}" if e.minimum_bytes else str(e)
+            problems.append(f"{s.name} {need}")
+    if problems:
+        raise BenchError(f"budget {format_bytes(budget_bytes)} is too small for: {'; '.join(problems)}. Raise --budget "
+                         "(nothing was run)")
+
+
 def _run_worker(runner: str, spec: dict, workdir: Path, label: str, bar=None) -> dict:
     """Run one system's worker subprocess; its JSON events move `bar`; returns its result."""
     fd, spec_path = tempfile.mkstemp(prefix="spec-", suffix=".json", dir=workdir)
@@ -190,6 +213,7 @@ def bench(model_dir=None, *, out, budget="30%", storage: str = "disk", arch: str
         if s.runner == "sparseferry":
             ckpts[s.name] = converted(sources[s.weights], workdir, s.convert, progress)
 
+    check_feasible(chosen, ckpts, budget_bytes, storage)  # every system, before the first (long) run
     mem = ceilings.memory_gbps()
     disk = ceilings.disk_read_gbps([model_dir], max_bytes=min(dense_bytes, 2 << 30))
 
@@ -258,8 +282,8 @@ def sweep(*, out, sparsities, budgets, storage: str = "disk", arch: str = "llama
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(doc, indent=1))
     if plot:
-        report.plot_sweep(doc, out / "sweep.png")
+        report.try_plot(report.plot_sweep, doc, out / "sweep.png")
     return doc
 
 
-__all__ = ["SYSTEMS", "System", "BenchError", "bench", "sweep", "synth_pair", "weight_bytes", "prompt_ids"]
+__all__ = ["SYSTEMS", "System", "BenchError", "bench", "check_feasible", "sweep", "synth_pair", "weight_bytes", "prompt_ids"]

@@ -166,7 +166,28 @@ def write_all(results: dict, out, *, plot: bool = True) -> dict:
     paths = {"json": out / "results.json", "md": out / "results.md"}
     paths["json"].write_text(json.dumps(results, indent=1))
     paths["md"].write_text(render_table(results))
-    if plot:
+    if plot and try_plot(plot_results, results, out / "results.png"):
         paths["png"] = out / "results.png"
-        plot_results(results, paths["png"])
     return paths
+
+
+def can_plot() -> bool:
+    """matplotlib (the `plot` extra) is importable."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def try_plot(fn, data, path) -> bool:
+    """Draw a plot if matplotlib is there; never fails (the measurements are already written). True if drawn."""
+    import sys
+
+    if not can_plot():
+        print(f"note: {path} not drawn: matplotlib is not installed (pip install 'sparseferry[plot]')", file=sys.stderr)
+        return False
+    try:
+        fn(data, path)
+    except Exception as e:  # noqa: BLE001 - a plotting failure must not lose the results
+        print(f"note: {path} not drawn: {type(e).__name__}: {e}", file=sys.stderr)
+        return False
+    return True

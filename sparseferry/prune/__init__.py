@@ -51,6 +51,9 @@ def _config_int(config, *names) -> int | None:
     return None
 
 
+BUILTIN_CALIBRATION = "built-in text: Python standard-library docstrings (sparseferry.text)"
+
+
 def _describe(calibration) -> str | None:
     if calibration is None:
         return None
@@ -73,7 +76,9 @@ def prune(model_or_dir, dst, *, method: str = "wanda", sparsity: float = 0.5, pa
         sparsity: fraction of each linear weight set to zero, in [0, 1). Ignored with a pattern.
         pattern: "N:M" (e.g. "2:4"): keep N of every M consecutive input weights of each output row;
             the sparsity is then (M-N)/M.
-        calibration: a text/JSONL file path, a str of text, or a list of token-id tensors.
+        calibration: a text/JSONL file path, a str of text, or a list of token-id tensors; None (wanda,
+            sparsegpt): the built-in text, the calibration half of `sparseferry.text.calibration_text()`
+            (the report says so).
         nsamples, seqlen, seed: `nsamples` random windows of `seqlen` tokens of the calibration text.
         per_row: magnitude and SparseGPT pick the pruned weights within each output row, not the whole
             matrix (block). Wanda always works per row.
@@ -94,9 +99,7 @@ def prune(model_or_dir, dst, *, method: str = "wanda", sparsity: float = 0.5, pa
     sparsity = (pat[1] - pat[0]) / pat[1] if pat else check_sparsity(sparsity)
     pruner_cls = METHODS[method]
     calibrated = pruner_cls.needs_calibration
-    if calibrated and calibration is None:
-        raise PruneError(f"{method} needs calibration text: pass --calib FILE (plain text, or JSONL with a \"text\" field) "
-                         "or calibration=<path, text or token-id tensors>; only magnitude prunes without it")
+    builtin = calibrated and calibration is None  # the default: the built-in text (sparseferry.text)
     dst = Path(dst)
     if dst.exists():
         raise PruneError(f"{dst}: already exists (choose a new output folder)")
@@ -135,10 +138,14 @@ def prune(model_or_dir, dst, *, method: str = "wanda", sparsity: float = 0.5, pa
 
     samples = None
     if calibrated:
+        if builtin:
+            from ..text import calibration_text
+
+            calibration = calibration_text("stdlib")
         samples = calibration_samples(calibration, source.tokenizer(), nsamples=nsamples, seqlen=seqlen, seed=seed)
 
     meta = {"method": method, "sparsity": sparsity, "pattern": f"{pat[0]}:{pat[1]}" if pat else None,
-            "per_row": bool(per_row), "calibration": _describe(calibration) if calibrated else None,
+            "per_row": bool(per_row), "calibration": (BUILTIN_CALIBRATION if builtin else _describe(calibration)) if calibrated else None,
             "nsamples": len(samples) if samples else 0, "seqlen": int(samples[0].shape[1]) if samples else 0, "seed": seed}
     from .output import DenseSink, SparseferrySink
 

@@ -26,6 +26,7 @@ from ..hf import config_from_dict, model_info
 from ..store import Checkpoint, CheckpointError, open_checkpoint
 from .budget import format_bytes, parse_budget
 from .embedding import RowReader, embed_on_demand
+from .hf_compat import check_local_path, from_pretrained_options
 from .pipeline import LayerSource, Pipeline
 from .plan import Plan, make_plan
 
@@ -249,7 +250,7 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
          verify: bool = True, nslots: int = 2, nreadbufs: int = 2, slots: bool | None = None,
          embeddings_on_demand: bool | None = None, resident_form: str | None = None,
          decompress_threads: int | None = None,
-         attn_implementation: str | None = None) -> nn.Module:
+         attn_implementation: str | None = None, **from_pretrained_kwargs) -> nn.Module:
     """Load a sparseferry checkpoint as a HuggingFace causal LM that streams what does not fit.
 
     Args:
@@ -271,12 +272,21 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
             time), "dense" elsewhere. With memory_budget=None every layer is resident in this form.
         embeddings_on_demand: read input-embedding rows from the file per step instead of holding the
             table (default: when there is a budget and the table is not tied to the output head).
+        **from_pretrained_kwargs: the `from_pretrained` keywords that mean something here (dtype /
+            torch_dtype checked against the stored dtype, device_map, max_memory, low_cpu_mem_usage, ...);
+            the others are refused by name with the sparseferry equivalent (see runtime/hf_compat.py).
     Returns:
         the transformers model; `model.sparseferry` is its StreamingEngine (plan, summary(), close()).
     Raises:
         CheckpointError (not a checkpoint, corrupt), BudgetError (unparseable, below the minimum),
         RuntimeLoadError (device unavailable, architecture unknown).
     """
+    check_local_path(path)
+    if from_pretrained_kwargs:
+        opts = from_pretrained_options(from_pretrained_kwargs, device=device, memory_budget=memory_budget,
+                                       storage=storage, stored_dtype=lambda: _checkpoint_dtype(open_checkpoint(path)))
+        device, memory_budget, storage = opts["device"], opts["memory_budget"], opts["storage"]
+        attn_implementation = opts.get("attn_implementation", attn_implementation)
     dev = _device(device)
     rss_before = _rss_bytes()
     ckpt = open_checkpoint(path)
