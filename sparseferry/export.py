@@ -248,7 +248,7 @@ def export(checkpoint, out, *, to: str = "hf", dtype: str | None = None, max_sha
     try:
         with bar:
             for name in names:
-                w = ckpt.load(name, verify=True)
+                w = _dense(ckpt, name)
                 if cast is not None and w.is_floating_point():
                     w = w.to(cast)
                 if w.is_floating_point():
@@ -297,6 +297,15 @@ def export(checkpoint, out, *, to: str = "hf", dtype: str | None = None, max_sha
     if to == "compressed-tensors":
         res["compressed"] = len(compressed)
     return res
+
+
+def _dense(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """A parameter as a dense tensor, checksums verified; bitmaps through the fast kernels (bit-exact to decode)."""
+    from .format import BitmapTensor
+    from .kernels import decompress
+
+    s = ckpt.stored(name, verify=True)
+    return decompress(s) if isinstance(s, BitmapTensor) else s.clone()
 
 
 def _export_config(ckpt: Checkpoint, dtype: str | None) -> dict:

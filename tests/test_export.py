@@ -295,7 +295,7 @@ def test_a_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 
     ckpt, _ = make_checkpoint("llama", tmp_path)
     calls = {"n": 0}
-    real = Checkpoint.load
+    real = Checkpoint.stored
 
     def failing(self, name, *a, **k):
         calls["n"] += 1
@@ -303,7 +303,7 @@ def test_a_failure_midway_leaves_nothing(tmp_path, monkeypatch):
             raise ExportError("injected")
         return real(self, name, *a, **k)
 
-    monkeypatch.setattr(Checkpoint, "load", failing)
+    monkeypatch.setattr(Checkpoint, "stored", failing)
     with pytest.raises(ExportError, match="injected"):
         export(ckpt, tmp_path / "hf", progress=False)
     assert_nothing_written(tmp_path / "hf")
