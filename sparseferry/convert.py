@@ -15,6 +15,7 @@ import torch
 from .errors import SparseferryError
 from .format import BitmapTensor, FormatError, decode
 from .hf import ModelError, info_from_config_dict, normalize_key, read_config_dict
+from .runtime.hf_compat import check_local_path
 from .sparse24 import SPARSE24_FORMATS, SPARSE24_PARTS, Sparse24Error, is_sparse24, sparse24_to_dense
 from .store import (
     EXTRA_FILE,
@@ -129,6 +130,7 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
         ConvertError / CheckpointError / ModelError with the file and tensor at fault.
     """
     src, dst = Path(src), Path(dst)
+    check_local_path(src)
     if not src.is_dir():
         raise ConvertError(f"{src}: no such folder")
     if dst.exists() and not force:

@@ -90,7 +90,9 @@ def test_a_hub_id_says_that_hub_ids_cannot_be_fetched(tmp_path, monkeypatch, cap
     with pytest.raises(HubIdError) as e:
         sparseferry.load("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert main(["generate", "meta-llama/Llama-3.2-1B", "-p", "hi"]) == 1
-    for msg in (str(e.value), capsys.readouterr().err):
+    err = capsys.readouterr().err
+    assert main(["convert", "Qwen/Qwen2.5-0.5B", str(tmp_path / "ckpt")]) == 1
+    for msg in (str(e.value), err, capsys.readouterr().err):
         assert "Hub id" in msg and "never downloads" in msg and "huggingface-cli download" in msg
         assert "sparseferry convert" in msg
     with pytest.raises(SparseferryError, match="no such folder"):

@@ -424,6 +424,7 @@ def load_tokenizer(path):
     """The tokenizer saved in a checkpoint (or any HF) folder."""
     from transformers import AutoTokenizer
 
+    check_local_path(path)
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
