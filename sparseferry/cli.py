@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "without --prompt or --prompt-file a piped stdin is the prompt")
     p.add_argument("--system", "--system-prompt", dest="system", default=None, help="system prompt (needs a chat template)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template: the prompt is the model's input as it is")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=32)
+    p.add_argument("-n", "--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--budget", default=None, help="memory budget for weights: '4GiB', '512MB' or '30%%' of the stored weights (default: no limit)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--storage", choices=["disk", "host"], default="disk", help="where streamed layers live (default disk)")
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="penalise tokens already present (transformers' repetition_penalty; 1.0 = none, default)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop when TEXT is generated (repeatable)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for compute (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(func=_cmd_generate)
 
