@@ -360,3 +360,76 @@ def test_metrics_in_prometheus_text(server):
         metric(server, name)
     assert metric(server, "bytes_read_per_token") > 0  # every layer is streamed from disk
     assert metric(server, "http_requests") >= 1
+
+
+# -- the command line
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_states_the_kv_budget_and_answers(ckpt):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sparseferry.cli", "serve", str(ckpt[0]), "--port", str(port),
+                             "--budget", "80%", "--kv-budget", "1MiB", "--api-key", "k", "--model-name", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):  # at most ~60 s to import and load
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.2)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        res = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                        temperature=0)
+        assert res.usage.completion_tokens >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    kv_tokens = 2**20 // (2 * 2 * 2 * 16 * 4)  # layers x (K, V) x KV heads x head dim x fp32
+    assert f"KV cache budget 1.00 MiB ({kv_tokens} tokens in flight" in err and "from disk" in err
+
+
+def test_chat_command_streams_keeps_history_takes_multiline_and_resets(ckpt):
+    import subprocess
+    import sys
+
+    folder, dense = ckpt
+    tok = sparseferry.load_tokenizer(folder)
+
+    def reply(prompt_text):
+        ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+        return tok.decode(oracle(dense, ids, 6, eos=tok.eos_token_id), skip_special_tokens=True)
+
+    r1 = reply("<|user|>hello\n<|assistant|>")
+    r2 = reply(f"<|user|>hello\n<|assistant|>{r1}\n<|user|>two\nlines\n<|assistant|>")
+    stdin = 'hello\n"""\ntwo\nlines\n"""\n/reset\nhel\\\nlo\n/exit\nnever read\n'
+    proc = subprocess.run([sys.executable, "-m", "sparseferry.cli", "chat", str(folder), "--max-tokens", "6",
+                           "--budget", "80%"], input=stdin, capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=120, env={**__import__("os").environ, "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0, proc.stderr
+    r3 = reply("<|user|>hel\nlo\n<|assistant|>")
+    assert proc.stdout == f"{r1}\n{r2}\n{r3}\n"
+    assert proc.stderr.count("tok/s | read ") == 3 and "[conversation reset]" in proc.stderr
+
+
+def test_bench_serve_shares_reads_between_concurrent_requests(ckpt):
+    from sparseferry.serve.bench import bench_serve, render_bench
+
+    res = bench_serve(ckpt[0], budget="80%", clients=[1, 4], prompt_tokens=8, new_tokens=6, progress=False)
+    one, four = res["points"]
+    assert one["generated_tokens"] == 6 and four["generated_tokens"] == 24
+    assert four["bytes_read_per_token"] < one["bytes_read_per_token"] / 2
+    assert "| 4 |" in render_bench(res)

@@ -46,7 +46,10 @@ def serve(checkpoint, *, host: str = "127.0.0.1", port: int = 8000, log_level: s
     app, batcher = build(checkpoint, **kw)
     try:
         print(plan_line(batcher), file=sys.stderr, flush=True)
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+        try:
+            uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+        except KeyboardInterrupt:  # uvicorn re-raises the signal once it has shut down gracefully
+            pass
     finally:
         batcher.stop()
         batcher.engine.close()
