@@ -433,3 +433,8 @@ def test_bench_serve_shares_reads_between_concurrent_requests(ckpt):
     assert one["generated_tokens"] == 6 and four["generated_tokens"] == 24
     assert four["bytes_read_per_token"] < one["bytes_read_per_token"] / 2
     assert "| 4 |" in render_bench(res)
+
+
+def test_empty_prompt_is_a_plain_400(server):
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "", "max_tokens": 2})
+    assert r.status_code == 400 and "empty" in r.json()["error"]["message"] and r.json()["error"]["code"] is None

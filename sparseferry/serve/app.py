@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batcher import AdmissionError, Batcher, NotRunning, Overloaded, Request as GenRequest
+from .batcher import AdmissionError, Batcher, InvalidRequest, NotRunning, Overloaded, Request as GenRequest
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import (ChatRequest, CompletionRequest, error_body, new_id, now, usage, validation_message)
 from .sampling import SamplingParams
@@ -38,7 +38,9 @@ def _admission_error(e: AdmissionError) -> APIError:
                         headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(e, NotRunning):
         return APIError(503, str(e), "server_error", code="unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
-    return APIError(400, str(e), param="messages" if "prompt" in str(e) else None, code="context_length_exceeded")
+    if isinstance(e, InvalidRequest):
+        return APIError(400, str(e))
+    return APIError(400, str(e), code="context_length_exceeded")
 
 
 def create_app(batcher: Batcher, *, model_name: str, api_key: str | None = None) -> FastAPI:

@@ -41,6 +41,10 @@ class RequestTooLarge(AdmissionError):
     """Prompt + max_tokens exceed the context length or the KV-cache budget."""
 
 
+class InvalidRequest(AdmissionError):
+    """A request that is malformed for generation (e.g. an empty prompt)."""
+
+
 class Overloaded(AdmissionError):
     """The queue is full; try again later."""
 
@@ -169,7 +173,7 @@ class Batcher:
     def submit(self, req: Request) -> Request:
         """Queue a request; it joins the batch at a step boundary. AdmissionError if it cannot."""
         if not req.prompt:
-            raise RequestTooLarge("the prompt is empty (at least one token is needed)")
+            raise InvalidRequest("the prompt is empty (at least one token is needed)")
         self.check(len(req.prompt), req.params.max_tokens)
         req.sampler = Sampler(req.params)
         req.text = TextStream(self.tokenizer, req.params.stop)

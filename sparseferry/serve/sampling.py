@@ -50,7 +50,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> tuple[int, TokenLogprobs | None]:
         """logits: [vocab] (any float dtype) -> (token id, log-probabilities if asked)."""
         p = self.params
-        logits = logits.float()
+        logits = logits.float().cpu()  # the generator lives on the CPU, whatever the device
         if p.temperature == 0:
             token = int(torch.argmax(logits))
         else:
