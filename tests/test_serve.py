@@ -327,6 +327,10 @@ def test_api_key_and_overload(ckpt):
                         r = h.post("/v1/completions", json=body)
                         assert r.status_code == 429 and r.headers["retry-after"] == "1"
                         assert r.json()["error"]["code"] == "server_overloaded"
+                batcher.stop()  # a stopped engine: 503 with a retry hint
+                assert h.get("/health").status_code == 503
+                r = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+                assert r.status_code == 503 and r.headers["retry-after"] == "1"
     finally:
         batcher.stop()
         model.sparseferry.close()
@@ -438,3 +442,20 @@ def test_bench_serve_shares_reads_between_concurrent_requests(ckpt):
 def test_empty_prompt_is_a_plain_400(server):
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "", "max_tokens": 2})
     assert r.status_code == 400 and "empty" in r.json()["error"]["message"] and r.json()["error"]["code"] is None
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_goes_on(server, monkeypatch):
+    real = server.batcher._forward
+    calls = []
+
+    def broken_once(*a):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("disk on fire")
+        return real(*a)
+
+    monkeypatch.setattr(server.batcher, "_forward", broken_once)
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 500 and "disk on fire" in r.json()["error"]["message"]
+    ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 3, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1

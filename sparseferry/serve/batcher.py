@@ -332,7 +332,15 @@ class Batcher:
                     self._cond.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - keep serving: fail what was in flight, not the loop
+                with self._cond:
+                    for r in list(self.queue) + list(self.active):
+                        if r in self.active:
+                            self._retire(r, "error", emit=False)
+                        r.sink(Event("error", text=f"{type(e).__name__}: {e}"))
+                    self.queue.clear()
 
     def stop(self) -> None:
         """Stop the loop; queued and running requests end with an error event."""
