@@ -185,6 +185,32 @@ def _cmd_bench(a) -> int:
     return 0
 
 
+def _cmd_serve(a) -> int:
+    from .serve.server import serve
+
+    serve(a.dir, host=a.host, port=a.port, budget=a.budget, kv_budget=a.kv_budget, max_batch=a.max_batch,
+          prefill_chunk=a.prefill_chunk, max_queue=a.max_queue, storage=a.storage, device=a.device,
+          direct_io=not a.page_cache, api_key=a.api_key, model_name=a.model_name)
+    return 0
+
+
+def _cmd_chat(a) -> int:
+    from .chat import run_chat
+
+    run_chat(a.dir, budget=a.budget, storage=a.storage, device=a.device, max_tokens=a.max_tokens,
+             temperature=a.temperature, top_p=a.top_p, seed=a.seed, system=a.system)
+    return 0
+
+
+def _cmd_bench_serve(a) -> int:
+    from .serve.bench import bench_serve, render_bench
+
+    res = bench_serve(a.dir, budget=a.budget, clients=[int(c) for c in a.clients.split(",")], prompt_tokens=a.prompt_tokens,
+                      new_tokens=a.new_tokens, storage=a.storage, out=a.out, progress=not a.quiet)
+    print(json.dumps(res, indent=1) if a.json else render_bench(res))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -337,6 +363,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print results.json instead of the table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching: one read of a layer serves every request)")
+    p.add_argument("dir", help="sparseferry checkpoint folder")
+    p.add_argument("--budget", default=None, help="memory budget for weights: '4GiB' or '30%%' of the stored weights (default: no limit)")
+    p.add_argument("--kv-budget", default=None, help="KV cache of all sequences in flight, e.g. '512MiB' (default: MAX_BATCH full contexts)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per step (default 8)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step (default 256)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429 (default 64)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the checkpoint folder's name)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--storage", choices=["disk", "host"], default="disk", help="where streamed layers live (default disk)")
+    p.add_argument("--page-cache", action="store_true", help="disk reads through the page cache (default: bypass it, O_DIRECT)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("chat", help="interactive terminal chat (the checkpoint's chat template, streamed tokens)")
+    p.add_argument("dir", help="sparseferry checkpoint folder")
+    p.add_argument("--budget", default=None, help="memory budget for weights (default: no limit)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--storage", choices=["disk", "host"], default="disk", help="where streamed layers live (default disk)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system", default=None, help="a system message at the start of the conversation")
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("bench-serve", help="aggregate decode tokens/s and disk bytes per token at 1..N concurrent requests")
+    p.add_argument("dir", help="sparseferry checkpoint folder")
+    p.add_argument("--budget", default="30%", help="memory budget for weights (default 30%%)")
+    p.add_argument("--clients", default="1,2,4,8,16", help="concurrent requests per point (default 1,2,4,8,16)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (default 32)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request (default 16)")
+    p.add_argument("--storage", choices=["disk", "host"], default="disk", help="where streamed layers live (default disk)")
+    p.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=_cmd_bench_serve)
 
     return ap
 
