@@ -31,7 +31,7 @@ def bench_serve(checkpoint, *, budget="30%", clients=(1, 2, 4, 8, 16), prompt_to
         tokenizer = None
     try:
         batcher = Batcher(model, tokenizer, max_batch=max(clients), prefill_chunk=max(clients) * prompt_tokens,
-                          kv_budget=max(clients) * (prompt_tokens + new_tokens) * _kv_bytes(model))
+                          max_queue=max(clients), kv_budget=max(clients) * (prompt_tokens + new_tokens) * _kv_bytes(model))
         batcher.eos = set()  # every request generates exactly new_tokens
         vocab = model.config.get_text_config().vocab_size
         gen = torch.Generator().manual_seed(seed)
@@ -44,7 +44,7 @@ def bench_serve(checkpoint, *, budget="30%", clients=(1, 2, 4, 8, 16), prompt_to
             t0 = time.perf_counter()
             for r in reqs:
                 r.t_submit = t0
-                _submit_ids(batcher, r)
+                batcher.submit(r)
             batcher.run_until_idle()
             t_end = time.perf_counter()
             last_first = max(r.t_first for r in reqs)
@@ -84,27 +84,6 @@ def _kv_bytes(model) -> int:
     from .kvcache import kv_shape
 
     return kv_shape(model.config, len(model.sparseferry.layers), model.dtype).bytes_per_token
-
-
-def _submit_ids(batcher, req) -> None:
-    """Submit a request of token ids without detokenisation (the bench has no use for text)."""
-    from .sampling import Sampler
-
-    batcher.check(len(req.prompt), req.params.max_tokens)
-    req.sampler = Sampler(req.params)
-    req.text = _NoText()
-    with batcher._cond:
-        batcher.queue.append(req)
-
-
-class _NoText:
-    stopped = False
-
-    def push(self, token):
-        return ""
-
-    def finish(self):
-        return ""
 
 
 def render_bench(res: dict) -> str:

@@ -18,7 +18,12 @@ def build(checkpoint, *, budget=None, kv_budget=None, max_batch: int = 8, prefil
     (default: `max_batch` sequences of the full context).
     """
     from ..runtime import load, load_tokenizer, parse_budget
-    from .app import create_app
+
+    try:
+        from .app import create_app
+    except ImportError as e:
+        raise SparseferryError(f"the server needs FastAPI, uvicorn and prometheus-client ({e}): "
+                               f"pip install 'sparseferry[serve]'") from None
     from .batcher import Batcher
 
     tokenizer = load_tokenizer(checkpoint)

@@ -18,6 +18,8 @@ class TextStream:
         self.stopped = False  # a stop string was found; nothing more comes
 
     def _text(self) -> str:
+        if self.tokenizer is None:  # token ids only (benchmarks): no text
+            return ""
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
     def push(self, token: int) -> str:
