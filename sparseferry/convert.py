@@ -115,10 +115,12 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
                                    group_size=group_size)
         return prepare(name, w, sparse=name in sparse_names, values=quant, group_size=group_size)
 
-    stored_names = [n for n in info.param_names if n not in tied]
+    buffers = source.buffers()
+    stored_names = [n for n in info.param_names if n not in tied] + buffers
     groups: list[tuple[str, int | None, list[str]]] = []
     for i in range(info.num_layers):
-        groups.append((layer_file(i), i, [n for n in info.layer_params(i) if n in stored_names]))
+        groups.append((layer_file(i), i, [n for n in info.layer_params(i) if n in stored_names]
+                       + [n for n in buffers if info.layer_of(n) == i]))
     groups.append((EXTRA_FILE, None, [n for n in stored_names if info.layer_of(n) is None]))
     total_bytes = sum(source.nbytes(n) for n in stored_names)
 

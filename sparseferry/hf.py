@@ -158,6 +158,9 @@ class ModelInfo:
     top_linear_weights: set[str] = field(default_factory=set)  # linear weights outside layers (lm_head)
     embedding_weights: set[str] = field(default_factory=set)
     expert_params: dict[str, int] = field(default_factory=dict)  # fused expert parameters -> number of experts
+    # persistent buffers (in the state dict, not parameters: e.g. DeepSeek-V3's router score correction);
+    # stored when the checkpoint has them, else they keep the values the model computes at construction
+    buffer_names: list[str] = field(default_factory=list)
 
     def layer_of(self, name: str) -> int | None:
         """Decoder layer index of a parameter name, or None outside the layers."""
@@ -215,6 +218,7 @@ def model_info(model: nn.Module) -> ModelInfo:
         top_linear_weights=top_linear,
         embedding_weights=emb,
         expert_params=expert_parameters(layers, prefix),
+        buffer_names=[n for n in model.state_dict() if n not in seen],
     )
 
 

@@ -158,6 +158,7 @@ class HFWeights:
         self.weights = SourceWeights(self.folder)
         self.ct = sparse_bitmask_config(config_dict)
         self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+        self._shapes.update((n, tuple(b.shape)) for n, b in model.named_buffers() if n in info.buffer_names)
         self.direct: dict[str, str] = {}  # parameter -> source key (renamed only)
         self.bitmap: dict[str, str] = {}  # parameter -> compressed-tensors prefix (renamed only)
         self.converted: dict[str, Conversion] = {}  # parameter -> the conversion producing it
@@ -167,7 +168,7 @@ class HFWeights:
     # -- planning: where every parameter comes from, before reading anything
     def _plan(self) -> None:
         renamings, converters = _conversion_rules(self.model)
-        names = set(self.info.param_names)
+        names = set(self.info.param_names) | set(self.info.buffer_names)  # transformers loads both
         meta = dict.fromkeys(names, True)
         base = self.info.base_prefix
 
@@ -220,7 +221,7 @@ class HFWeights:
 
     def _check_conversion(self, conv: Conversion) -> None:
         """Refuse, before reading, a conversion that is wrong or cannot be applied one layer at a time."""
-        names = set(self.info.param_names)
+        names = set(self.info.param_names) | set(self.info.buffer_names)
         unknown = [t for t in conv.targets if t not in names]
         if unknown:
             raise SourceError(f"{self.folder}: conversion rule {_rule_name(conv.rule)} builds {unknown[0]} from "
@@ -263,7 +264,12 @@ class HFWeights:
         return name in self.direct or name in self.bitmap or name in self.converted
 
     def missing(self, tied: dict[str, str]) -> list[str]:
+        """Parameters without a source (buffers may be absent: the model computes them)."""
         return [n for n in self.info.param_names if not self.has(n) and n not in tied]
+
+    def buffers(self) -> list[str]:
+        """The persistent buffers the folder holds (stored like parameters)."""
+        return [n for n in self.info.buffer_names if self.has(n)]
 
     def check_complete(self, tied: dict[str, str]) -> None:
         missing = self.missing(tied)

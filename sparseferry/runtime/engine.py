@@ -50,6 +50,9 @@ def _device(device) -> torch.device:
 def _set_param(model: nn.Module, name: str, value: torch.Tensor | nn.Parameter) -> None:
     mod_name, _, leaf = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
+    if leaf in mod._buffers:  # a persistent buffer stored in the checkpoint (e.g. a router's score correction)
+        mod._buffers[leaf] = value.detach() if isinstance(value, nn.Parameter) else value
+        return
     mod._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
 
 
