@@ -77,7 +77,6 @@ def _bitmap_forward(self: nn.Module, *args, **kwargs):
     return self._sf_forward(*args, **kwargs)
 
 
-
 def _peak_rss_bytes() -> int:
     """This process's peak resident set (VmHWM: unlike ru_maxrss, not inherited across exec)."""
     with open("/proc/self/status") as f:
