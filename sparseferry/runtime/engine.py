@@ -29,6 +29,7 @@ from .embedding import RowReader, embed_on_demand
 from .hf_compat import check_local_path, from_pretrained_options
 from .pipeline import LayerSource, Pipeline
 from .plan import Plan, make_plan
+from .whole_experts import whole_experts
 
 
 class RuntimeLoadError(SparseferryError):
@@ -50,6 +51,9 @@ def _device(device) -> torch.device:
 def _set_param(model: nn.Module, name: str, value: torch.Tensor | nn.Parameter) -> None:
     mod_name, _, leaf = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
+    if leaf in mod._buffers:  # a persistent buffer stored in the checkpoint (e.g. a router's score correction)
+        mod._buffers[leaf] = value.detach() if isinstance(value, nn.Parameter) else value
+        return
     mod._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
 
 
@@ -136,7 +140,7 @@ class StreamingEngine:
         for i in self.plan.streamed:
             plen = len(f"{self.ckpt.layers_prefix}.{i}.")
             for name in self.ckpt.layer_tensors(i):
-                if self.ckpt.tensors[name].encoding == "dense":
+                if self.ckpt.tensors[name].encoding in ("dense", "experts"):  # experts: whole_experts.py
                     continue
                 mod_name, _, leaf = name[plen:].rpartition(".")
                 mod = self.layers[i].get_submodule(mod_name)
@@ -160,11 +164,14 @@ class StreamingEngine:
 
     def _make_pre(self, i: int):
         layer = self.layers[i]
+        prefix = f"{self.ckpt.layers_prefix}.{i}."
 
         def pre(module, args):
             for rel, t in self.pipeline.acquire(i).items():  # wait(n)
                 if isinstance(t, BitmapTensor):  # views mode: the module computes from the bitmap
                     layer.get_submodule(rel.rpartition(".")[0])._sf_bitmap = t
+                elif isinstance(t, list):  # views mode, an expert parameter: every expert decoded
+                    _set_param(layer, rel, whole_experts(t, self.ckpt.tensors[f"{prefix}{rel}"].shape))
                 else:
                     _set_param(layer, rel, t)
             self._layer_t0 = time.perf_counter()
