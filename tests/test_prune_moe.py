@@ -233,3 +233,23 @@ def test_magnitude_prunes_each_expert_to_the_target_and_keeps_routing_gates_dens
     shared = [n for n in state if ".shared_experts." in n and n.endswith("proj.weight")]
     assert (arch == "deepseek_v3") == bool(shared)
     assert all(float((state[n] == 0).float().mean()) == pytest.approx(0.6, abs=0.01) for n in shared)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_checkpoint_experts_equal_the_save_dense_folder_that_transformers_reloads(arch, tmp_path):
+    import sparseferry
+
+    dense = tiny_moe(arch, layers=1)
+    kw = dict(method="sparsegpt", sparsity=SPARSITY, calibration=samples(), progress=False)
+    rep = prune(copy.deepcopy(dense), tmp_path / "sf", **kw)
+    rep_dense = prune(copy.deepcopy(dense), tmp_path / "dense", save_dense=True, **kw)
+    assert [t["sparsity"] for t in rep["tensors"]] == [t["sparsity"] for t in rep_dense["tensors"]]
+    ckpt = sparseferry.open_checkpoint(tmp_path / "sf")
+    ckpt.verify()
+    reloaded = dict(reload(tmp_path / "dense").named_parameters())
+    assert ckpt.num_experts(0) == experts_of(dense.model.layers[0])[1].num_experts
+    for n in ckpt.tensors:
+        assert torch.equal(ckpt.load(n), reloaded[n]), n
+    for n in ckpt.expert_params(0):  # every expert matrix bitmap-encoded; biases dense
+        subs = ckpt.tensors[n].experts
+        assert {s.encoding for s in subs} == ({"dense"} if n.endswith("_bias") else {"bitmap"}), n

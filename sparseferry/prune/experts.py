@@ -73,6 +73,18 @@ def experts_modules(layer: nn.Module) -> dict[str, ExpertsModule]:
     return out
 
 
+def expert_parameter_names(layers: nn.Module, prefix: str) -> set[str]:
+    """Qualified names of the expert parameters of the decoder layers: every parameter of 2 or more dims
+    of a fused-experts module whose leading dim is its number of experts (matrices and per-expert biases)."""
+    out = set()
+    for i, layer in enumerate(layers):
+        for name, spec in experts_modules(layer).items():
+            for p, t in spec.module.named_parameters(recurse=False):
+                if t.dim() >= 2 and t.shape[0] == spec.num_experts:
+                    out.add(f"{prefix}.{i}.{name}.{p}")
+    return out
+
+
 def routing_gates(layer: nn.Module, experts: dict[str, ExpertsModule]) -> set[str]:
     """Names (inside the layer) of the nn.Linear routing gates next to the experts: kept dense."""
     gates = set()

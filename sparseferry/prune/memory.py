@@ -4,7 +4,9 @@ Pruning holds at once (all in the fp32 compute dtype unless said otherwise):
   layer        the largest decoder layer in fp32, plus its source-dtype copy while it is read and written;
   statistics   the per-linear statistics of that layer (SparseGPT: a [cols, cols] Hessian per linear;
                Wanda: a [cols] vector) plus the working set of pruning its largest matrix (scores,
-               sort indices, mask; SparseGPT: the weight copy and the Cholesky factors);
+               sort indices, mask; SparseGPT: the weight copy and the Cholesky factors); experts are
+               pruned one at a time: one expert's statistics, plus the experts module's recorded
+               inputs ([calibration tokens, hidden] and the top-k ids);
   activations  two [nsamples, seqlen, hidden] buffers (layer inputs and outputs) and the transient
                tensors of one sample's forward pass (MLP intermediate, attention scores);
   non_layer    the modules before layer 0 (embeddings...) in fp32, and the source-dtype tensors outside
