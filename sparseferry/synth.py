@@ -421,6 +421,9 @@ def synth(out, *, arch: str = "llama", params="1B", sparsity: float = 0.5, seed:
     tmp.mkdir(parents=True)
     bar = tqdm(total=nparams * itemsize, unit="B", unit_scale=True, desc=f"synth {arch} {nparams / 1e9:.2f}B",
                disable=not progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per-tensor work is memory-bound and the selection single-threaded anyway; on a
+    # busy machine, waiting for a descheduled pool thread at every small op costs far more than it gains
     try:
         weight_map = {}
         for fname, shard in zip(names, shards):
@@ -451,5 +454,6 @@ def synth(out, *, arch: str = "llama", params="1B", sparsity: float = 0.5, seed:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        torch.set_num_threads(threads)
         bar.close()
     return record

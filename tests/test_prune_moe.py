@@ -253,3 +253,18 @@ def test_checkpoint_experts_equal_the_save_dense_folder_that_transformers_reload
     for n in ckpt.expert_params(0):  # every expert matrix bitmap-encoded; biases dense
         subs = ckpt.tensors[n].experts
         assert {s.encoding for s in subs} == ({"dense"} if n.endswith("_bias") else {"bitmap"}), n
+
+
+def test_memory_estimate_holds_one_experts_statistics_and_the_routed_inputs():
+    from sparseferry.prune.memory import estimate_memory
+
+    def est(num_experts, method, nsamples=4):
+        layer = {"experts.gate_up_proj": (num_experts, 64, 64), "experts.down_proj": (num_experts, 64, 32)}
+        return estimate_memory(layer_shapes=[layer], linear_shapes=[{}], expert_shapes=[{"experts.gate_up_proj": (64, 64),
+                               "experts.down_proj": (64, 32)}], non_layer_compute=0, non_layer_stored=0, source_itemsize=2,
+                               method=method, nsamples=nsamples, seqlen=32, hidden=64, heads=4, calibrated=True, top_k=2)
+
+    assert est(8, "sparsegpt").statistics == est(128, "sparsegpt").statistics  # experts are pruned one at a time
+    assert est(8, "sparsegpt").statistics >= (64 * 64 + 32 * 32) * 4 + 4 * 32 * 64 * 4  # their Hessians + the inputs
+    assert est(8, "wanda", nsamples=8).statistics - est(8, "wanda", nsamples=4).statistics >= 4 * 32 * 64 * 4
+    assert est(128, "sparsegpt").layer > est(8, "sparsegpt").layer
