@@ -12,6 +12,9 @@ import warnings
 import pytest
 import torch
 
+from moe_models import FAMILIES, make_tiny_moe
+from conftest import VOCAB as MOE_VOCAB
+
 from sparseferry.prune import prune, render_report
 from sparseferry.prune.masks import nm_valid
 
@@ -153,7 +156,7 @@ def test_wanda_masks_are_the_papers_on_the_tokens_routed_to_each_expert(arch, tm
     assert "routed calibration tokens per expert" in render_report(rep)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["gpt_oss"])
 def test_sparsegpt_reconstructs_a_routed_expert_better_than_wanda_and_magnitude(arch, tmp_path):
     dense = tiny_moe(arch, layers=1)
     calib = samples(n=16)
@@ -209,7 +212,7 @@ def test_nm_patterns_apply_to_every_expert_along_its_inputs(arch, tmp_path):
                 assert nm_valid(w, 2, 4) and float((w == 0).float().mean()) == 0.5
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2_moe"])
 def test_magnitude_prunes_each_expert_to_the_target_and_keeps_routing_gates_dense(arch, tmp_path):
     dense = tiny_moe(arch)
     rep = prune(copy.deepcopy(dense), tmp_path / "out", method="magnitude", sparsity=0.6, save_dense=True,
@@ -235,19 +238,27 @@ def test_magnitude_prunes_each_expert_to_the_target_and_keeps_routing_gates_dens
     assert all(float((state[n] == 0).float().mean()) == pytest.approx(0.6, abs=0.01) for n in shared)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 def test_checkpoint_experts_equal_the_save_dense_folder_that_transformers_reloads(arch, tmp_path):
+    """From a folder in the published layout: `synth` (one tensor per Mixtral expert), gpt-oss as
+    save_pretrained writes it (fused, with per-expert biases)."""
     import sparseferry
+    from sparseferry.synth import synth
 
-    dense = tiny_moe(arch, layers=1)
-    kw = dict(method="sparsegpt", sparsity=SPARSITY, calibration=samples(), progress=False)
-    rep = prune(copy.deepcopy(dense), tmp_path / "sf", **kw)
-    rep_dense = prune(copy.deepcopy(dense), tmp_path / "dense", save_dense=True, **kw)
+    if arch == "mixtral":
+        synth(tmp_path / "src", arch="mixtral", params="3M", vocab=512, sparsity=0.0, dtype="float32", progress=False)
+    else:
+        tiny_moe(arch, layers=1).save_pretrained(tmp_path / "src")
+    kw = dict(method="wanda", sparsity=SPARSITY, calibration=samples(n=4), progress=False)
+    rep = prune(tmp_path / "src", tmp_path / "sf", **kw)
+    rep_dense = prune(tmp_path / "src", tmp_path / "dense", save_dense=True, **kw)
     assert [t["sparsity"] for t in rep["tensors"]] == [t["sparsity"] for t in rep_dense["tensors"]]
+    assert [x["tokens"] for x in rep["experts"]] == [x["tokens"] for x in rep_dense["experts"]]
     ckpt = sparseferry.open_checkpoint(tmp_path / "sf")
     ckpt.verify()
-    reloaded = dict(reload(tmp_path / "dense").named_parameters())
-    assert ckpt.num_experts(0) == experts_of(dense.model.layers[0])[1].num_experts
+    model = reload(tmp_path / "dense")
+    reloaded = dict(model.named_parameters())
+    assert ckpt.num_experts(0) == experts_of(model.model.layers[0])[1].num_experts
     for n in ckpt.tensors:
         assert torch.equal(ckpt.load(n), reloaded[n]), n
     for n in ckpt.expert_params(0):  # every expert matrix bitmap-encoded; biases dense
@@ -268,3 +279,34 @@ def test_memory_estimate_holds_one_experts_statistics_and_the_routed_inputs():
     assert est(8, "sparsegpt").statistics >= (64 * 64 + 32 * 32) * 4 + 4 * 32 * 64 * 4  # their Hessians + the inputs
     assert est(8, "wanda", nsamples=8).statistics - est(8, "wanda", nsamples=4).statistics >= 4 * 32 * 64 * 4
     assert est(128, "sparsegpt").layer > est(8, "sparsegpt").layer
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_every_family_prunes_each_expert_from_its_published_folder(arch, tmp_path):
+    """Folders as save_pretrained writes them (per-expert tensors, or fused where the family publishes
+    fused experts): each expert matrix at the target, routed tokens counted, transformers reloads the output."""
+    from sparseferry.hf import expert_parameters, find_decoder_layers
+    from sparseferry.store import expert_slices
+
+    tm = make_tiny_moe(arch, tmp_path, sparsity=None, dtype=torch.float32)
+    calib = [torch.randint(0, MOE_VOCAB, (1, 16), generator=torch.Generator().manual_seed(j)) for j in range(4)]
+    rep = prune(tm.folder, tmp_path / "out", method="wanda", sparsity=SPARSITY, calibration=calib, save_dense=True,
+                progress=False)
+    pruned = reload(tmp_path / "out")
+    prefix, layers = find_decoder_layers(pruned)
+    experts = expert_parameters(layers, prefix)
+    state = dict(pruned.named_parameters())
+    matrices_seen = 0
+    for name, e in experts.items():
+        for w in expert_slices(state[name].detach(), e):
+            if w.dim() == 2:
+                matrices_seen += 1
+                assert int((w == 0).sum()) == int(w.shape[1] * SPARSITY) * w.shape[0], name
+    assert matrices_seen and len([t for t in rep["tensors"] if "expert" in t]) == matrices_seen
+    for x in rep["experts"]:
+        if x["routed"]:
+            assert sum(x["tokens"]) == 4 * 16 * pruned.config.get_text_config().num_experts_per_tok
+        else:
+            assert x["tokens"] is None and "magnitude" in x["note"]
+    with torch.no_grad():
+        assert torch.isfinite(pruned(input_ids=calib[0]).logits).all()

@@ -47,23 +47,27 @@ class ExpertsModule:
     transposed: bool = False  # expert slices stored [in, out]
 
     def view(self, pname: str, e: int) -> torch.Tensor:
-        """Expert e's slice of `pname` as [out, in] (a view of the parameter)."""
-        w = getattr(self.module, pname)[e]
+        """Expert e's slice of `pname` as [out, in] (a view of the parameter): the e-th of E equal
+        contiguous pieces along dim 0, as the checkpoint stores it (docs/FORMAT.md, 2b)."""
+        p = getattr(self.module, pname)
+        w = p[e] if p.dim() == 3 else p.view(self.num_experts, -1, p.shape[-1])[e]
         return w.T if self.transposed else w
 
 
 def experts_modules(layer: nn.Module) -> dict[str, ExpertsModule]:
     """{name: ExpertsModule} of the fused-experts modules inside a decoder layer.
 
-    A fused-experts module has an integer `num_experts` and a parameter of 3 dims whose leading dim is
-    that number; its expert matrices are those 3-D parameters.
+    The modules and expert matrices are those `hf.expert_parameters` finds (an integer `num_experts`
+    or `moe_num_experts`; [E, R, C] parameters, or DBRX's [E * F, H]), per-expert biases excluded.
     """
+    from ..hf import expert_parameters
+
+    found = {k.lstrip("."): e for k, e in expert_parameters(layer, "").items()}  # "" prefix: names inside the layer
     out = {}
     for name, mod in layer.named_modules():
-        e = getattr(mod, "num_experts", None)
-        if not isinstance(e, int) or isinstance(e, bool) or e < 1:
-            continue
-        mats = [p for p, t in mod.named_parameters(recurse=False) if t.dim() == 3 and t.shape[0] == e]
+        own = {p for p, _ in mod.named_parameters(recurse=False) if (f"{name}.{p}" if name else p) in found}
+        e = next((found[f"{name}.{p}" if name else p] for p in own), None)
+        mats = [p for p, t in mod.named_parameters(recurse=False) if p in own and (t.dim() == 3 or t.shape[0] > e)]
         if not mats:
             continue
         first = "gate_up_proj" if getattr(mod, "has_gate", True) else "up_proj"
@@ -73,27 +77,19 @@ def experts_modules(layer: nn.Module) -> dict[str, ExpertsModule]:
     return out
 
 
-def expert_parameter_names(layers: nn.Module, prefix: str) -> set[str]:
-    """Qualified names of the expert parameters of the decoder layers: every parameter of 2 or more dims
-    of a fused-experts module whose leading dim is its number of experts (matrices and per-expert biases)."""
-    out = set()
-    for i, layer in enumerate(layers):
-        for name, spec in experts_modules(layer).items():
-            for p, t in spec.module.named_parameters(recurse=False):
-                if t.dim() >= 2 and t.shape[0] == spec.num_experts:
-                    out.add(f"{prefix}.{i}.{name}.{p}")
-    return out
-
-
 def routing_gates(layer: nn.Module, experts: dict[str, ExpertsModule]) -> set[str]:
-    """Names (inside the layer) of the nn.Linear routing gates next to the experts: kept dense."""
+    """Names (inside the layer) of its nn.Linear routing gates, kept dense: those with E outputs (a router,
+    e.g. DBRX's `router.layer`) and those with 1 output in the block holding the experts (a shared-expert
+    gate, e.g. Qwen2-MoE's `shared_expert_gate`); never a linear inside an experts module."""
     gates = set()
     for name, spec in experts.items():
         parent = name.rpartition(".")[0]
-        block = layer.get_submodule(parent) if parent else layer
-        for cname, child in block.named_children():
-            if isinstance(child, nn.Linear) and child.out_features in (1, spec.num_experts):
-                gates.add(f"{parent}.{cname}" if parent else cname)
+        for full, child in layer.named_modules():
+            if not isinstance(child, nn.Linear) or full == name or full.startswith(name + "."):
+                continue
+            in_block = not parent or full.startswith(parent + ".")
+            if child.out_features == spec.num_experts or (child.out_features == 1 and in_block):
+                gates.add(full)
     return gates
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from ..store import EXTRA_FILE, CheckpointError, CheckpointWriter, layer_file, prepare, prepare_experts
-from .experts import expert_parameter_names
 
 
 class SparseferrySink:
@@ -30,12 +29,11 @@ class SparseferrySink:
                                        layers_prefix=info.layers_prefix, num_layers=info.num_layers,
                                        tied=source.tied, extra={"pruning": pruning})
         self.dst = self.writer.dst
-        self.experts = expert_parameter_names(source.layers, info.layers_prefix)
 
     def write(self, layer: int | None, tensors: dict[str, torch.Tensor]) -> None:
         """Store {parameter name: tensor (source dtype and layout)} of decoder layer `layer`, or outside (None)."""
-        lin = self.source.info.linear_weights
-        stored = [prepare_experts(n, list(t.unbind(0)), sparse=True) if n in self.experts else prepare(n, t, sparse=n in lin)
+        lin, experts = self.source.info.linear_weights, self.source.info.expert_params
+        stored = [prepare_experts(n, t, sparse=True, num_experts=experts[n]) if n in experts else prepare(n, t, sparse=n in lin)
                   for n, t in tensors.items()]
         self.writer.write_file(EXTRA_FILE if layer is None else layer_file(layer), stored, layer)
 
