@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="HuggingFace model folder")
     p.add_argument("dst", help="output folder (must not exist)")
     p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="wanda", help="default wanda")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each linear weight set to zero (default 0.5)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each linear weight (and of each expert's matrices) set to zero (default 0.5)")
     p.add_argument("--pattern", default=None, metavar="N:M", help="semi-structured: keep N of every M weights, e.g. 2:4 (overrides --sparsity)")
     p.add_argument("--calib", default=None, metavar="FILE", help="calibration text: plain text, or JSONL with a \"text\" field (needed by wanda, sparsegpt)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")

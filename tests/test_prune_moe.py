@@ -311,3 +311,19 @@ def test_every_family_prunes_each_expert_from_its_published_folder(arch, tmp_pat
             assert x["tokens"] is None and "magnitude" in x["note"]
     with torch.no_grad():
         assert torch.isfinite(pruned(input_ids=calib[0]).logits).all()
+
+
+def test_cli_prune_of_a_synthetic_mixture_of_experts(tmp_path, capsys):
+    from sparseferry.cli import main
+    from sparseferry.synth import synth
+
+    synth(tmp_path / "src", arch="qwen3_moe", params="3M", vocab=512, sparsity=0.0, progress=False)
+    assert main(["prune", str(tmp_path / "src"), str(tmp_path / "out"), "--method", "magnitude", "--sparsity", "0.6",
+                 "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.mlp.experts.gate_up_proj[*]" in out and "(64 experts): magnitude per expert" in out
+    import sparseferry
+
+    ckpt = sparseferry.open_checkpoint(tmp_path / "out")
+    w = ckpt.load("model.layers.1.mlp.experts.down_proj")
+    assert w.shape[0] == 64 and all(int((w[e] == 0).sum()) == int(0.6 * w[e].numel()) for e in range(64))

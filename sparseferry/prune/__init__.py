@@ -65,7 +65,8 @@ def _describe(calibration) -> str | None:
 def prune(model_or_dir, dst, *, method: str = "wanda", sparsity: float = 0.5, pattern=None, calibration=None,
           nsamples: int = 128, seqlen: int = 2048, seed: int = 0, per_row: bool = False, budget=None,
           save_dense: bool = False, progress: bool = True) -> dict:
-    """Prune the linear weights of every decoder layer and write the result to `dst`.
+    """Prune the linear weights of every decoder layer, and each expert of its mixtures of experts
+    (experts.py: on the calibration tokens routed to it), and write the result to `dst`.
 
     Args:
         model_or_dir: a HuggingFace model folder (read tensor by tensor), or a transformers causal LM in
@@ -84,8 +85,10 @@ def prune(model_or_dir, dst, *, method: str = "wanda", sparsity: float = 0.5, pa
             memory exceeds it, naming the minimum.
         progress: a progress bar per layer with the ETA.
     Returns:
-        a report: method, sparsity, pattern, per-tensor achieved sparsity and N:M validity, per-layer
-        seconds and relative output error on the calibration samples, memory estimate, total seconds.
+        a report: method, sparsity, pattern, per-tensor achieved sparsity and N:M validity (per expert
+        matrix: its expert, method used and routed tokens), per-layer seconds and relative output error
+        on the calibration samples, per experts module the tokens each expert saw ("experts"), memory
+        estimate, total seconds.
     Raises:
         PruneError (bad arguments or calibration data, budget too small), ModelError, CheckpointError:
         all SparseferryError; `dst` is then not created.

@@ -104,8 +104,8 @@ class RoutedInputs:
         """(all hidden states [T, hidden], per expert the row indices of the tokens routed to it)."""
         if not self.hidden:
             return torch.empty(0), [torch.empty(0, dtype=torch.long) for _ in range(num_experts)]
-        hidden = torch.cat(self.hidden)
-        flat = torch.cat(self.index)  # [T, k]
+        hidden, flat = torch.cat(self.hidden), torch.cat(self.index)  # [T, hidden], [T, k]
+        self.hidden, self.index = [], []  # one copy held, not two
         k = flat.shape[1]
         flat = flat.reshape(-1).clamp(0, num_experts)  # ids >= E (expert-parallel sentinels): dropped below
         order = torch.argsort(flat, stable=True)
@@ -169,7 +169,8 @@ def prune_experts(spec: ExpertsModule, pruner_cls, sparsity: float, pat, per_row
                 how = pruner_cls.__name__.lower()
             else:
                 pruner = Magnitude(w.shape[1])
-                how = "magnitude" if not pruner_cls.needs_calibration else "magnitude (no routed tokens)"
+                how = ("magnitude" if not pruner_cls.needs_calibration else
+                       "magnitude (no routed tokens)" if spec.routed else "magnitude (no routing statistics)")
             new = pruner.prune(w, sparsity, pat, per_row)
             expected = pruner.expected_pruned(tuple(w.shape), sparsity, pat, per_row)
             del pruner
