@@ -25,7 +25,11 @@ TINY = dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_
             n_shared_experts=1, shared_expert_intermediate_size=32, kv_lora_rank=16, q_lora_rank=16,
             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, first_k_dense_replace=0, n_group=1,
             topk_group=1, d_model=64, n_heads=4, n_layers=2, ffn_hidden_size=64, max_seq_len=128,
-            pad_token_id=258, bos_token_id=256, eos_token_id=257)
+            pad_token_id=258, bos_token_id=256, eos_token_id=257,
+            # hybrid families: small linear-attention / Mamba heads, small sparse-attention indexers
+            linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+            linear_head_dim=16, linear_num_heads=4, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
+            index_head_dim=16, index_n_heads=2, index_topk=4)
 # Families whose sub-configs or layer pattern need their own small values.
 SPECIAL = {
     "dbrx": dict(attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
@@ -52,6 +56,11 @@ def tiny_moe_config(model_type: str, **overrides):
     kw = {k: v for k, v in TINY.items() if k in defaults}
     if "head_dim" in defaults and "qk_rope_head_dim" not in defaults:
         kw["head_dim"] = 16
+    types = defaults.get("layer_types")
+    if isinstance(types, list) and "linear_attention" in types:  # one layer of each kind
+        kw["layer_types"] = ["linear_attention", "full_attention"]
+    if isinstance(defaults.get("mlp_layer_types"), list):  # experts in both layers
+        kw["mlp_layer_types"] = ["sparse", "sparse"]
     kw.update(SPECIAL.get(model_type, {}), **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
