@@ -50,6 +50,9 @@ def tiny_moe(arch: str, seed: int = 0, layers: int = 2):
         for layer in model.model.layers:
             layer.mlp.experts.gate_up_proj_bias.data.normal_(0, 0.02)
             layer.mlp.experts.down_proj_bias.data.normal_(0, 0.02)
+    for name, buf in model.named_buffers():  # DeepSeek-V3's router score correction: a persistent buffer, zero at init
+        if name.endswith("e_score_correction_bias"):
+            buf.normal_(0, 1)
     return model
 
 
@@ -239,17 +242,17 @@ def test_magnitude_prunes_each_expert_to_the_target_and_keeps_routing_gates_dens
     assert all(float((state[n] == 0).float().mean()) == pytest.approx(0.6, abs=0.01) for n in shared)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3"])
 def test_checkpoint_experts_equal_the_save_dense_folder_that_transformers_reloads(arch, tmp_path):
     """From a folder in the published layout: `synth` (one tensor per Mixtral expert), gpt-oss as
-    save_pretrained writes it (fused, with per-expert biases)."""
+    save_pretrained writes it (fused, with per-expert biases), DeepSeek-V3 (a persistent router buffer)."""
     import sparseferry
     from sparseferry.synth import synth
 
     if arch == "mixtral":
         synth(tmp_path / "src", arch="mixtral", params="3M", vocab=512, sparsity=0.0, dtype="float32", progress=False)
     else:
-        tiny_moe(arch, layers=1).save_pretrained(tmp_path / "src")
+        tiny_moe(arch, layers=1 if arch == "gpt_oss" else 2).save_pretrained(tmp_path / "src")
     kw = dict(method="wanda", sparsity=SPARSITY, calibration=samples(n=4), progress=False)
     rep = prune(tmp_path / "src", tmp_path / "sf", **kw)
     rep_dense = prune(tmp_path / "src", tmp_path / "dense", save_dense=True, **kw)
@@ -257,12 +260,18 @@ def test_checkpoint_experts_equal_the_save_dense_folder_that_transformers_reload
     assert [x["tokens"] for x in rep["experts"]] == [x["tokens"] for x in rep_dense["experts"]]
     ckpt = sparseferry.open_checkpoint(tmp_path / "sf")
     ckpt.verify()
-    model = reload(tmp_path / "dense")
-    reloaded = dict(model.named_parameters())
-    assert ckpt.num_experts(0) == experts_of(model.model.layers[0])[1].num_experts
+    model, source = reload(tmp_path / "dense"), reload(tmp_path / "src")
+    reloaded = dict(model.state_dict())
+    for n, b in source.state_dict().items():  # persistent buffers too
+        if n not in dict(source.named_parameters()):
+            assert torch.equal(reloaded[n], b), n
+    i = moe_layers(model)[0]  # the routing the pruner counted is transformers' on the source weights
+    hidden, index = reference_inputs(source, model, i, samples(n=4))
+    assert rep["experts"][0]["tokens"] == [int((index == e).any(dim=1).sum()) for e in range(index.max() + 1)]
+    assert ckpt.num_experts(i) == experts_of(model.model.layers[i])[1].num_experts
     for n in ckpt.tensors:
         assert torch.equal(ckpt.load(n), reloaded[n]), n
-    for n in ckpt.expert_params(0):  # every expert matrix bitmap-encoded; biases dense
+    for n in ckpt.expert_params(i):  # every expert matrix bitmap-encoded; biases dense
         subs = ckpt.tensors[n].experts
         assert {s.encoding for s in subs} == ({"dense"} if n.endswith("_bias") else {"bitmap"}), n
 

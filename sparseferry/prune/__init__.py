@@ -125,7 +125,7 @@ def prune(model_or_dir, dst, *, method: str = "wanda", sparsity: float = 0.5, pa
         raise PruneError(f"{source.name}: no linear layers inside the decoder layers ({info.layers_prefix}) to prune")
 
     non_layer = [n for n in source.stored_names if info.layer_of(n) is None]
-    params = dict(source.model.named_parameters(remove_duplicate=False))
+    params = {**dict(source.model.named_parameters(remove_duplicate=False)), **dict(source.model.named_buffers())}
     est = estimate_memory(
         layer_shapes=[{n: tuple(p.shape) for n, p in layers[i].named_parameters()} for i in range(info.num_layers)],
         linear_shapes=linear_shapes,
@@ -196,7 +196,7 @@ def _prune_layer(source, i: int, pruner_cls, sparsity: float, pat, per_row: bool
     (which holds the dense outputs meanwhile). Returns the layer's entry for the report."""
     info = source.info
     prefix = f"{info.layers_prefix}.{i}."
-    names = [n for n in info.layer_params(i) if n not in source.tied]
+    names = [n for n in info.layer_params(i) if n not in source.tied] + [b for b in source.buffers if info.layer_of(b) == i]
     orig = {n: source.tensor(n) for n in names}  # source dtype and layout
     layer = source.load_layer(i, orig, COMPUTE_DTYPE)
     experts = experts_modules(layer)
