@@ -6,10 +6,11 @@ the embeddings once, then through one decoder layer at a time; layer i+1 sees th
 *pruned* layer i, so later layers are pruned knowing the error of earlier ones. Memory: one layer
 plus two activation buffers [nsamples, seqlen, hidden].
 
-Generic over architectures: whatever the model passes to its decoder layers besides the hidden
+Generic over architectures: whatever the model passes to each decoder layer besides the hidden
 states (attention mask, position ids or (cos, sin) position embeddings, cache flags...) is recorded
-once, from the first sample, and passed again unchanged. All samples have the same length and no
-padding, so those extra inputs are the same for every sample.
+once per layer, from the first sample, and passed again unchanged: layers may differ (sliding-window
+and full-attention layers get different masks). All samples have the same length and no padding, so
+those extra inputs are the same for every sample.
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ class _Captured(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for decoder layer 0: records its call, then stops the forward pass."""
+    """Stands in for a decoder layer: records its call, then stops the forward pass (`stop`) or hands
+    its input hidden states on unchanged (so that the next layer's call is recorded too)."""
 
-    def __init__(self, inner: nn.Module, calls: list):
+    def __init__(self, inner: nn.Module, calls: list, stop: bool = True):
         super().__init__()
         self.inner = inner
         self.calls = calls
+        self.stop = stop
 
     def __getattr__(self, name):  # models may read attributes of their layers (e.g. attention_type)
         try:
@@ -42,19 +45,25 @@ class _Catcher(nn.Module):
 
     def forward(self, *args, **kwargs):
         self.calls.append((args, kwargs))
-        raise _Captured
+        if self.stop:
+            raise _Captured
+        return args[0] if args else kwargs["hidden_states"]
 
 
-def _cast(obj, dtype: torch.dtype):
-    """Floating tensors in a nest of tuples/lists/dicts cast to `dtype`; everything else unchanged."""
+def _cast(obj, dtype: torch.dtype, memo: dict | None = None):
+    """Floating tensors in a nest of tuples/lists/dicts cast to `dtype`; everything else unchanged.
+    A tensor met again (the same mask passed to many layers) is cast once (`memo`: id -> cast)."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to(dtype) if obj.is_floating_point() else obj.detach()
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.detach().to(dtype) if obj.is_floating_point() else obj.detach())
+        return memo[id(obj)][1]
     if isinstance(obj, tuple):
-        return tuple(_cast(o, dtype) for o in obj)
+        return tuple(_cast(o, dtype, memo) for o in obj)
     if isinstance(obj, list):
-        return [_cast(o, dtype) for o in obj]
+        return [_cast(o, dtype, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _cast(v, dtype) for k, v in obj.items()}
+        return {k: _cast(v, dtype, memo) for k, v in obj.items()}
     return obj
 
 
@@ -63,12 +72,19 @@ class LayerInputs:
     """What decoder layers are called with, for all samples.
 
     hidden: [nsamples, seqlen, hidden] in the compute dtype; sample j is hidden[j : j + 1].
-    args, kwargs: the layer's other arguments, recorded from the first sample, floats in the compute dtype.
+    args, kwargs: the other arguments of the layer being run (`select`), recorded from the first
+        sample, floats in the compute dtype; `per_layer[i]` holds layer i's.
     """
 
     hidden: torch.Tensor
     args: tuple
     kwargs: dict
+    per_layer: list | None = None
+
+    def select(self, i: int) -> None:
+        """Run layer i next: its own extra arguments."""
+        if self.per_layer is not None:
+            self.args, self.kwargs = self.per_layer[i]
 
 
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.Tensor],
@@ -76,10 +92,28 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[
     """Run `model` on each sample [1, seqlen] up to `layers[0]` and return what that layer receives.
 
     Only the modules before layer 0 (embeddings, positions, rotary) run; they must hold real weights.
+    For the first sample every layer is replaced by a stand-in that records its call and passes the
+    hidden states on, to learn each layer's own extra arguments; a model that cannot run that way
+    (it computes on the layers' outputs between layers) gives every layer layer 0's.
     """
     lengths = {s.shape[-1] for s in samples}
     if len(lengths) != 1:
         raise PruneError(f"calibration samples must all have the same length, got lengths {sorted(lengths)}")
+    originals = list(layers)
+    per_layer: list | None = [[] for _ in originals]
+    try:
+        for k, layer in enumerate(originals):
+            layers[k] = _Catcher(layer, per_layer[k], stop=k == len(originals) - 1)
+        with torch.no_grad():
+            try:
+                model(input_ids=samples[0], use_cache=False)
+            except _Captured:
+                pass
+            except Exception:  # noqa: BLE001 - the fallback is layer 0's arguments for all layers
+                per_layer = None
+    finally:
+        for k, layer in enumerate(originals):
+            layers[k] = layer
     calls: list = []
     first = layers[0]
     layers[0] = _Catcher(first, calls)
@@ -101,10 +135,17 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[
             hidden.append(args[0])
         else:
             hidden.append(kwargs["hidden_states"])
-    args, kwargs = calls[0]
-    kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-    rest = args[1:] if args else ()
-    return LayerInputs(torch.cat([h.detach().to(dtype) for h in hidden]), _cast(rest, dtype), _cast(kwargs, dtype))
+    memo: dict = {}
+
+    def extras(call):
+        args, kwargs = call
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return _cast(args[1:] if args else (), dtype, memo), _cast(kwargs, dtype, memo)
+
+    args, kwargs = extras(calls[0])
+    if per_layer is not None:
+        per_layer = [extras(c[0]) if c else (args, kwargs) for c in per_layer]
+    return LayerInputs(torch.cat([h.detach().to(dtype) for h in hidden]), args, kwargs, per_layer)
 
 
 def run_layer(layer: nn.Module, inputs: LayerInputs, out: torch.Tensor, on_output=None) -> None:

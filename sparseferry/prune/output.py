@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from ..store import EXTRA_FILE, CheckpointError, CheckpointWriter, layer_file, prepare
+from ..store import EXTRA_FILE, CheckpointError, CheckpointWriter, layer_file, prepare, prepare_experts
 
 
 class SparseferrySink:
-    """Writes a sparseferry checkpoint (docs/FORMAT.md): linear weights of the decoder layers bitmap-encoded."""
+    """Writes a sparseferry checkpoint (docs/FORMAT.md): linear weights of the decoder layers bitmap-encoded,
+    expert parameters one expert at a time (each expert matrix bitmap-encoded)."""
 
     kind = "sparseferry"
 
@@ -31,8 +32,9 @@ class SparseferrySink:
 
     def write(self, layer: int | None, tensors: dict[str, torch.Tensor]) -> None:
         """Store {parameter name: tensor (source dtype and layout)} of decoder layer `layer`, or outside (None)."""
-        lin = self.source.info.linear_weights
-        stored = [prepare(n, t, sparse=n in lin) for n, t in tensors.items()]
+        lin, experts = self.source.info.linear_weights, self.source.info.expert_params
+        stored = [prepare_experts(n, t, sparse=True, num_experts=experts[n]) if n in experts else prepare(n, t, sparse=n in lin)
+                  for n, t in tensors.items()]
         self.writer.write_file(EXTRA_FILE if layer is None else layer_file(layer), stored, layer)
 
     def commit(self) -> Path:

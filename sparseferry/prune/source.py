@@ -30,6 +30,20 @@ def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
     mod._parameters[pname] = nn.Parameter(value, requires_grad=False)
 
 
+def _set_buffer(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    modname, _, bname = name.rpartition(".")
+    mod = root.get_submodule(modname) if modname else root
+    mod._buffers[bname] = value
+
+
+def _load(root: nn.Module, name: str, value: torch.Tensor, buffers, dtype: torch.dtype) -> None:
+    """Put `value` in parameter or persistent buffer `name` of `root`, floats in `dtype`."""
+    if name in buffers:
+        _set_buffer(root, name, value.to(dtype) if value.is_floating_point() else value)
+    else:
+        _set_param(root, name, value.to(dtype))
+
+
 def folder_tokenizer(folder: Path):
     """AutoTokenizer of a folder, or None when it has no usable tokenizer files."""
     from transformers import AutoTokenizer
@@ -82,6 +96,7 @@ class FolderSource:
         self.weights = HFWeights(self.folder, self.model, self.info, self.config_dict)
         self.tied = {t: s for t, s in self.info.tied.items() if not self.weights.has(t)}
         self.weights.check_complete(self.tied)
+        self.buffers = self.weights.buffers()  # persistent buffers the folder holds (e.g. router score corrections)
         self.name = self.folder.name
         dt = self.config_dict.get("torch_dtype") or self.config_dict.get("dtype")
         # bytes per element of the stored weights (for the memory estimate; fp32 when unknown)
@@ -89,8 +104,8 @@ class FolderSource:
 
     @property
     def stored_names(self) -> list[str]:
-        """Parameters stored in the output (tied copies are stored once)."""
-        return [n for n in self.info.param_names if n not in self.tied]
+        """Parameters and persistent buffers stored in the output (tied copies are stored once)."""
+        return [n for n in self.info.param_names if n not in self.tied] + self.buffers
 
     def tensor(self, name: str) -> torch.Tensor:
         """A parameter in its source dtype, in the model's layout (conversions applied, bitmaps decoded)."""
@@ -106,19 +121,20 @@ class FolderSource:
 
         The output head (lm_head) is left on the meta device: calibration never reaches it.
         """
-        for n in self.info.param_names:
+        for n in self.info.param_names + self.buffers:
             if self.info.layer_of(n) is None and n not in self.info.top_linear_weights and n not in self.tied:
-                _set_param(self.model, n, self.tensor(n).to(dtype))
+                _load(self.model, n, self.tensor(n), self.buffers, dtype)
         for t, s in self.tied.items():
             if t not in self.info.top_linear_weights:
                 _set_param(self.model, t, self.model.get_parameter(s))
 
     def load_layer(self, i: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-        """Decoder layer i holding `tensors` ({parameter name: source tensor}, read by `tensor`) in `dtype`."""
+        """Decoder layer i holding `tensors` ({parameter or buffer name: source tensor}, read by `tensor`) in `dtype`."""
         prefix = f"{self.layers_prefix}.{i}."
         layer = self.layers[i]
-        for n in self.info.layer_params(i):
-            _set_param(layer, n[len(prefix) :], (tensors[n] if n in tensors else self.tensor(n)).to(dtype))
+        buffers = {n[len(prefix) :] for n in self.buffers if n.startswith(prefix)}
+        for n in self.info.layer_params(i) + [b for b in self.buffers if b.startswith(prefix)]:
+            _load(layer, n[len(prefix) :], tensors[n] if n in tensors else self.tensor(n), buffers, dtype)
         return layer
 
     def release_layer(self, i: int) -> None:
@@ -152,13 +168,15 @@ class ModuleSource:
         self.config_dict = json.loads(cfg.to_json_string(use_diff=False))
         self.config_dict["architectures"] = [type(model).__name__]
         self._params = dict(model.named_parameters(remove_duplicate=False))
+        self.buffers = list(self.info.buffer_names)  # persistent buffers (in the state dict)
+        self._params.update({n: b for n, b in model.named_buffers(remove_duplicate=False) if n in set(self.buffers)})
         self._dtypes: dict[int, torch.dtype] = {}
         self.name = type(model).__name__
         self.itemsize = max((p.element_size() for p in model.parameters()), default=4)
 
     @property
     def stored_names(self) -> list[str]:
-        return [n for n in self.info.param_names if n not in self.tied]
+        return [n for n in self.info.param_names if n not in self.tied] + self.buffers
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._params[name].detach()
