@@ -90,6 +90,8 @@ class StoredTensor:
     parts: dict[str, torch.Tensor]  # part -> tensor ("dense" for dense; FORMAT.md parts for bitmap)
     # extra manifest fields of quantized values: {"values": "int8"|"int4", "group_size": G, "rel_error": e}
     meta: dict = field(default_factory=dict)
+    # encoding "experts": one ordinary StoredTensor per expert (its slice along dim 0); `parts` is empty
+    experts: list[StoredTensor] | None = None
 
     @property
     def prefix(self) -> str:
@@ -122,6 +124,31 @@ def prepare(name: str, w: torch.Tensor, sparse: bool, *, values: str | None = No
     return StoredTensor(name, "dense", w.dtype, tuple(w.shape), nnz, {"dense": w})
 
 
+def expert_name(name: str, e: int) -> str:
+    """The name of expert e's slice of expert parameter `name` (docs/FORMAT.md, section 2b)."""
+    return f"{name.removesuffix('.weight')}.experts.{e}"
+
+
+def prepare_experts(name: str, slices, sparse: bool, *, values: str | None = None, group_size: int = 128) -> StoredTensor:
+    """An expert parameter [E, ...] stored as E ordinary tensors, one per expert (`prepare` on each slice).
+
+    `slices` is the parameter itself or any sequence of its E slices along dim 0 (so a caller can
+    hand them over one by one). 2-D slices are bitmap-encoded (or quantized) when `sparse`, 1-D
+    slices (per-expert biases) stay dense.
+    """
+    subs = [prepare(expert_name(name, e), s, sparse and s.dim() == 2, values=values, group_size=group_size)
+            for e, s in enumerate(slices)]
+    if not subs:
+        raise CheckpointError(f"{name}: an expert parameter needs at least one expert")
+    first = subs[0]
+    for e, st in enumerate(subs):
+        if st.shape != first.shape or st.dtype != first.dtype:
+            raise CheckpointError(f"{name}: expert {e} is {list(st.shape)} {dtype_name(st.dtype)}, expert 0 is "
+                                  f"{list(first.shape)} {dtype_name(first.dtype)} (every expert must have one shape and dtype)")
+    return StoredTensor(name, "experts", first.dtype, (len(subs), *first.shape), sum(st.nnz for st in subs), {},
+                        experts=subs)
+
+
 def from_bitmap(name: str, bt: BitmapTensor, rel_error: float | None = None) -> StoredTensor:
     """A bitmap-encoded parameter; a QuantBitmapTensor also records its value format, group size and error."""
     meta = {}
@@ -136,43 +163,84 @@ def from_bitmap(name: str, bt: BitmapTensor, rel_error: float | None = None) -> 
 # Writing
 
 
-def _write_safetensors(path: Path, tensors: list[StoredTensor]) -> tuple[dict, dict]:
-    """Write one safetensors file; returns (file entry, {param name: {part: part entry}}).
-
-    Layout: parts sorted by decreasing element size, then name (alignment, FORMAT.md section 2).
-    """
-    items = []  # (stored name, part, param name, tensor)
+def _block_items(tensors: list[StoredTensor]) -> list[tuple[str, str, str, torch.Tensor]]:
+    """(stored name, part, owner entry name, tensor) sorted by decreasing element size, then name."""
+    items = []
     for st in tensors:
         for part, t in st.parts.items():
             items.append((st.stored_name(part), part, st.name, t))
     items.sort(key=lambda it: (-it[3].element_size(), it[0]))
-    header, pos = {}, 0
-    for sname, _, _, t in items:
-        n = t.numel() * t.element_size()
-        header[sname] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
-        pos += n
+    return items
+
+
+def _write_safetensors(path: Path, tensors: list[StoredTensor]) -> tuple[dict, dict]:
+    """Write one safetensors file; returns (file entry, {entry name: {part: part entry}}).
+
+    Layout (FORMAT.md section 2): the ordinary tensors' parts sorted by decreasing element size,
+    then name; then, when some tensors are expert parameters, one block per expert holding that
+    expert's parts of every expert parameter (same order inside the block), each block starting
+    8-byte aligned (a U8 padding tensor `__pad__.N` fills the gap before it).
+    """
+    plain = [st for st in tensors if st.experts is None]
+    expert = [st for st in tensors if st.experts is not None]
+    num_experts = len(expert[0].experts) if expert else 0
+    for st in expert:
+        if len(st.experts) != num_experts:
+            raise CheckpointError(f"{path.name}: {st.name} has {len(st.experts)} experts, {expert[0].name} has "
+                                  f"{num_experts} (one layer's expert parameters must have one expert count)")
+    blocks = [_block_items(plain)] + [_block_items([st.experts[e] for st in expert]) for e in range(num_experts)]
+    header, pos, spans, npad = {}, 0, [], 0
+    layout = []  # (stored name, part, owner, tensor) in file order, padding included (owner None)
+    for b, items in enumerate(blocks):
+        if b > 0 and pos % 8:
+            pad = torch.zeros(8 - pos % 8, dtype=torch.uint8)
+            layout.append((f"__pad__.{npad}", "pad", None, pad))
+            header[f"__pad__.{npad}"] = {"dtype": "U8", "shape": [pad.numel()], "data_offsets": [pos, pos + pad.numel()]}
+            pos += pad.numel()
+            npad += 1
+        start = pos
+        for sname, part, owner, t in items:
+            n = t.numel() * t.element_size()
+            if sname in header:
+                raise CheckpointError(f"{path.name}: two tensors are stored under the name {sname}")
+            header[sname] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+            layout.append((sname, part, owner, t))
+            pos += n
+        spans.append((start, pos))
     header["__metadata__"] = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     hbytes += b" " * ((-len(hbytes)) % 8)  # data start 8-byte aligned
     data_start = 8 + len(hbytes)
     parts_out: dict[str, dict] = {}
     h = xxhash.xxh3_64()
+    span_h = [xxhash.xxh3_64() for _ in spans]
+    span_of = {}
+    for b, items in enumerate(blocks):
+        for sname, *_ in items:
+            span_of[sname] = b
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hbytes)))
         f.write(hbytes)
-        for sname, part, pname, t in items:
+        for sname, part, owner, t in layout:
             b = _as_bytes(t)
             f.write(b)
             h.update(b)
+            if owner is None:
+                continue
+            span_h[span_of[sname]].update(b)
             off = data_start + header[sname]["data_offsets"][0]
-            parts_out.setdefault(pname, {})[part] = {
+            parts_out.setdefault(owner, {})[part] = {
                 "name": sname, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
                 "offset": off, "nbytes": len(b), "digest": digest(b),
             }
         f.flush()
         os.fsync(f.fileno())
     size = data_start + pos
-    return {"size": size, "data_start": data_start, "data_end": size, "digest": h.hexdigest()}, parts_out
+    fentry = {"size": size, "data_start": data_start, "data_end": size, "digest": h.hexdigest()}
+    if expert:
+        ranges = [{"start": data_start + a, "end": data_start + z, "digest": hh.hexdigest()} for (a, z), hh in zip(spans, span_h)]
+        fentry["base"], fentry["experts"] = ranges[0], ranges[1:]
+    return fentry, parts_out
 
 
 class CheckpointWriter:
@@ -216,11 +284,20 @@ class CheckpointWriter:
                 raise self._out_of_space(relpath, e) from None
             raise
         self.manifest["files"][relpath] = fentry
+
+        def entry(st: StoredTensor) -> dict:
+            return {"file": relpath, "layer": layer, "encoding": st.encoding, "dtype": dtype_name(st.dtype),
+                    "shape": list(st.shape), "nnz": st.nnz, **st.meta, "parts": parts.get(st.name, {})}
+
         for st in tensors:
-            self.manifest["tensors"][st.name] = {
-                "file": relpath, "layer": layer, "encoding": st.encoding, "dtype": dtype_name(st.dtype),
-                "shape": list(st.shape), "nnz": st.nnz, **st.meta, "parts": parts[st.name],
-            }
+            if st.experts is None:
+                self.manifest["tensors"][st.name] = entry(st)
+            else:
+                self.manifest["tensors"][st.name] = {
+                    "file": relpath, "layer": layer, "encoding": "experts", "dtype": dtype_name(st.dtype),
+                    "shape": list(st.shape), "nnz": st.nnz, "num_experts": len(st.experts),
+                    "experts": [entry(sub) for sub in st.experts],
+                }
 
     def _out_of_space(self, what: str, e: OSError) -> CheckpointError:
         return CheckpointError(f"{self.dst}: out of disk space while writing {what} ({e.strerror}); nothing was written")
@@ -298,9 +375,16 @@ class TensorEntry:
     values: str | None = None  # quantized value format ("int8" / "int4"); None: values in `dtype`
     group_size: int | None = None  # of quantized values (0: one group per row)
     rel_error: float | None = None  # ||W - dequantized W|| / ||W||, recorded at convert time
+    experts: list[TensorEntry] | None = None  # encoding "experts": one ordinary entry per expert
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts) if self.experts is not None else 0
 
     @property
     def stored_bytes(self) -> int:
+        if self.experts is not None:
+            return sum(sub.stored_bytes for sub in self.experts)
         return sum(p["nbytes"] for p in self.parts.values())
 
     @property
@@ -366,20 +450,15 @@ class Checkpoint:
                 raise CheckpointError(f"{fp}: {size} bytes, manifest says {fe['size']} (truncated or modified)")
         self.tensors: dict[str, TensorEntry] = {}
         for name, e in m["tensors"].items():
-            try:
-                if e["file"] not in self.files:
-                    raise CheckpointError(f"{mpath}: tensor {name} lives in {e['file']}, which the manifest does not list")
-                self.tensors[name] = TensorEntry(name, e["file"], e["layer"], e["encoding"], dtype_from_name(e["dtype"]),
-                                                 tuple(e["shape"]), e["nnz"], e["parts"], e.get("values"),
-                                                 e.get("group_size"), e.get("rel_error"))
-            except (KeyError, TypeError) as err:
-                raise CheckpointError(f"{mpath}: malformed entry for tensor {name} ({type(err).__name__}: {err})") from None
+            self.tensors[name] = _parse_entry(mpath, name, e, self.files)
         for name, t in self.tensors.items():
-            _check_value_encoding(mpath, t)
+            for sub in t.experts if t.experts is not None else [t]:
+                _check_value_encoding(mpath, sub)
         self._layer_names: dict[int, list[str]] = {}
         for name, t in self.tensors.items():
             if t.layer is not None:
                 self._layer_names.setdefault(t.layer, []).append(name)
+        self._check_expert_layout(mpath)
         self._mmaps: dict[str, object] = {}
 
     # -- structure
@@ -396,6 +475,73 @@ class Checkpoint:
 
     def non_layer_tensors(self) -> list[str]:
         return [n for n, t in self.tensors.items() if t.layer is None]
+
+    # -- experts (docs/FORMAT.md, section 2b): the layer's base range, then one range per expert
+    def num_experts(self, i: int) -> int:
+        """Experts of layer i (0 for a layer without expert parameters)."""
+        return len(self.files[layer_file(i)].get("experts", ()))
+
+    def expert_params(self, i: int) -> list[str]:
+        """Names of layer i's expert parameters (encoding "experts"), in manifest order."""
+        return [n for n in self.layer_tensors(i) if self.tensors[n].experts is not None]
+
+    def base_params(self, i: int) -> list[str]:
+        """Names of layer i's other parameters (those in its base range)."""
+        return [n for n in self.layer_tensors(i) if self.tensors[n].experts is None]
+
+    def base_range(self, i: int) -> tuple[Path, int, int]:
+        """(file, start, end) of layer i's non-expert tensors (the whole layer when it has no experts)."""
+        fe = self.files[layer_file(i)]
+        r = fe.get("base")
+        return (self.path / layer_file(i), r["start"], r["end"]) if r else self.layer_range(i)
+
+    def expert_range(self, i: int, e: int) -> tuple[Path, int, int]:
+        """(file, start, end) of expert e of layer i: its slice of every expert parameter of the layer."""
+        r = self._expert_span(i, e)
+        return self.path / layer_file(i), r["start"], r["end"]
+
+    def base_bytes(self, i: int) -> int:
+        _, a, z = self.base_range(i)
+        return z - a
+
+    def expert_bytes(self, i: int, e: int) -> int:
+        _, a, z = self.expert_range(i, e)
+        return z - a
+
+    def _expert_span(self, i: int, e: int) -> dict:
+        spans = self.files[layer_file(i)].get("experts", [])
+        if not isinstance(e, int) or not 0 <= e < len(spans):
+            raise CheckpointError(f"{self.path / layer_file(i)}: no expert {e!r} in layer {i} ({len(spans)} experts)")
+        return spans[e]
+
+    def _check_expert_layout(self, mpath: Path) -> None:
+        """Expert entries and the file ranges agree: one expert count per layer, every part inside its range."""
+        for i in range(self.num_layers):
+            rel = layer_file(i)
+            if rel not in self.files:
+                continue
+            fe = self.files[rel]
+            names = self.expert_params(i)
+            spans = fe.get("experts")
+            if not names and spans is None and "base" not in fe:
+                continue
+            if not names or not isinstance(spans, list) or not isinstance(fe.get("base"), dict):
+                raise CheckpointError(f"{mpath}: file {rel}: expert parameters and the file's base/experts ranges "
+                                      f"do not go together ({len(names)} expert parameters)")
+            ranges = [fe["base"], *spans]
+            for r in ranges:
+                if not isinstance(r, dict) or not all(isinstance(r.get(k), int) for k in ("start", "end")) \
+                        or not isinstance(r.get("digest"), str) \
+                        or not fe["data_start"] <= r["start"] <= r["end"] <= fe["data_end"]:
+                    raise CheckpointError(f"{mpath}: file {rel}: malformed byte range {r!r}")
+            for n in names:
+                t = self.tensors[n]
+                if t.num_experts != len(spans):
+                    raise CheckpointError(f"{mpath}: tensor {n} has {t.num_experts} experts, file {rel} has {len(spans)} expert ranges")
+                for e, sub in enumerate(t.experts):
+                    _check_inside(mpath, sub, spans[e], f"expert {e} of layer {i}")
+            for n in self.base_params(i):
+                _check_inside(mpath, self.tensors[n], fe["base"], f"the base range of layer {i}")
 
     def stored_bytes(self, names=None) -> int:
         return sum(self.tensors[n].stored_bytes for n in (names if names is not None else self.tensors))
@@ -421,6 +567,12 @@ class Checkpoint:
     def stored(self, name: str, verify: bool = False):
         """The stored form of a parameter: a dense tensor or a BitmapTensor (views of an mmap; copy before writing)."""
         e = self._entry(name)
+        if e.experts is not None:
+            return [self._stored_entry(sub, verify) for sub in e.experts]
+        return self._stored_entry(e, verify)
+
+    def _stored_entry(self, e: TensorEntry, verify: bool):
+        name = e.name
         buf = self._mmap(e.file)
         parts = {k: _view(buf, 0, p) for k, p in e.parts.items()}
         if verify:
@@ -447,6 +599,8 @@ class Checkpoint:
     def load(self, name: str, device="cpu", verify: bool = False) -> torch.Tensor:
         """A parameter as a dense tensor (decoded with the reference decoder), a fresh copy."""
         s = self.stored(name, verify=verify)
+        if isinstance(s, list):  # an expert parameter: its experts' slices, stacked
+            return torch.stack([decode(x, device=device) if isinstance(x, BitmapTensor) else x.to(device) for x in s])
         if isinstance(s, BitmapTensor):
             return decode(s, device=device)
         return s.to(device, copy=True)
@@ -488,16 +642,77 @@ class Checkpoint:
         out = {}
         for name in self.layer_tensors(i):
             e = self.tensors[name]
-            out[name] = self._assemble(e, {k: _view(data, fe["data_start"], p) for k, p in e.parts.items()})
+            if e.experts is not None:  # an expert parameter: one stored form per expert
+                out[name] = [self._assemble(sub, {k: _view(data, fe["data_start"], p) for k, p in sub.parts.items()})
+                             for sub in e.experts]
+            else:
+                out[name] = self._assemble(e, {k: _view(data, fe["data_start"], p) for k, p in e.parts.items()})
         return out
 
-    def _find_corrupt(self, i: int, data: torch.Tensor) -> str:
+    def _find_corrupt(self, i: int, data: torch.Tensor, base: int | None = None, entries=None) -> str:
         fe = self.files[layer_file(i)]
-        for name in self.layer_tensors(i):
-            for p in self.tensors[name].parts.values():
-                if digest(_as_bytes(_view(data, fe["data_start"], p))) != p["digest"]:
+        base = fe["data_start"] if base is None else base
+        if entries is None:
+            entries = [sub for n in self.layer_tensors(i) for sub in (self.tensors[n].experts or [self.tensors[n]])]
+        for e in entries:
+            for p in e.parts.values():
+                if digest(_as_bytes(_view(data, base, p))) != p["digest"]:
                     return f" (tensor {p['name']})"
         return ""
+
+    # -- one layer's base, or one expert, by direct reads (docs/FORMAT.md, section 2b)
+    def read_base(self, i: int, buf: torch.Tensor, reader: FileReader | None = None, direct: bool = True) -> torch.Tensor:
+        """Read layer i's base range (its non-expert tensors) into `buf`; the range's digest is verified.
+
+        Returns the uint8 view of those bytes, for `base_views`. Without expert parameters the base
+        range is the whole layer.
+        """
+        path, start, end = self.base_range(i)
+        r = self.files[layer_file(i)].get("base")
+        want = r["digest"] if r else self.files[layer_file(i)]["digest"]
+        data = self._read(path, start, end, buf, reader, direct)
+        if digest(_as_bytes(data)) != want:
+            bad = self._find_corrupt(i, data, start, [self.tensors[n] for n in self.base_params(i)])
+            raise CheckpointError(f"{path}: checksum mismatch in the base of layer {i}{bad}: refusing to compute on corrupt weights")
+        return data
+
+    def read_expert(self, i: int, e: int, buf: torch.Tensor, reader: FileReader | None = None,
+                    direct: bool = True) -> torch.Tensor:
+        """Read expert e of layer i (one contiguous range) into `buf`; its digest is verified.
+
+        Returns the uint8 view of those bytes, for `expert_views`.
+        """
+        span = self._expert_span(i, e)
+        path, start, end = self.expert_range(i, e)
+        data = self._read(path, start, end, buf, reader, direct)
+        if digest(_as_bytes(data)) != span["digest"]:
+            bad = self._find_corrupt(i, data, start, [self.tensors[n].experts[e] for n in self.expert_params(i)])
+            raise CheckpointError(f"{path}: checksum mismatch in expert {e} of layer {i}{bad}: refusing to compute on corrupt weights")
+        return data
+
+    def _read(self, path, start, end, buf, reader, direct) -> torch.Tensor:
+        own = reader is None
+        reader = reader or FileReader(path, direct=direct)
+        try:
+            return reader.read_range(start, end, buf)
+        finally:
+            if own:
+                reader.close()
+
+    def base_views(self, i: int, data: torch.Tensor) -> dict:
+        """{name: stored form} of layer i's non-expert parameters, as views of `data` (from `read_base`)."""
+        start = self.base_range(i)[1]
+        return {n: self._assemble(self.tensors[n], {k: _view(data, start, p) for k, p in self.tensors[n].parts.items()})
+                for n in self.base_params(i)}
+
+    def expert_views(self, i: int, e: int, data: torch.Tensor) -> dict:
+        """{expert parameter name: expert e's slice, stored form} as views of `data` (from `read_expert`)."""
+        start = self.expert_range(i, e)[1]
+        out = {}
+        for n in self.expert_params(i):
+            sub = self.tensors[n].experts[e]
+            out[n] = self._assemble(sub, {k: _view(data, start, p) for k, p in sub.parts.items()})
+        return out
 
     # -- verification
     def verify(self, progress=None) -> None:
@@ -518,9 +733,7 @@ class Checkpoint:
                 header = _read_header(fp)
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
                 raise CheckpointError(f"{fp}: not a valid safetensors file ({e})") from None
-            for n, t in self.tensors.items():
-                if t.file != rel:
-                    continue
+            for n, t in self._entries_in(rel):
                 for p in t.parts.values():
                     h = header.get(p["name"])
                     if h is None:
@@ -530,15 +743,63 @@ class Checkpoint:
                     got = {k: h.get(k) for k in want}
                     if got != want:
                         raise CheckpointError(f"{fp}: tensor {p['name']} is {got} in the file header, manifest says {want}")
-                s = self.stored(n)
+                s = self._stored_entry(t, False)
                 if isinstance(s, BitmapTensor):
                     from .format import _unpack
 
                     setbits = int(_unpack(s.bitmask, s.shape[1]).sum())
                     if setbits != s.nnz:
                         raise CheckpointError(f"{fp}: {n}: bitmask has {setbits} set bits but {s.nnz} values")
+            for k, r in enumerate([fe["base"], *fe["experts"]] if "experts" in fe else []):
+                if digest(_as_bytes(buf[r["start"] : r["end"]])) != r["digest"]:
+                    what = "base range" if k == 0 else f"expert {k - 1} range"
+                    raise CheckpointError(f"{fp}: checksum mismatch in the {what}")
             if progress is not None:
                 progress(rel)
+
+    def _entries_in(self, rel: str):
+        """(name, ordinary entry) of every stored tensor of file `rel`, expert slices included."""
+        for n, t in self.tensors.items():
+            if t.file == rel:
+                for sub in t.experts if t.experts is not None else [t]:
+                    yield sub.name, sub
+
+
+def _parse_entry(mpath: Path, name: str, e, files: dict, sub: bool = False) -> TensorEntry:
+    """A manifest tensor entry; an "experts" entry's sub-entries are ordinary entries, parsed alike."""
+    try:
+        if e["file"] not in files:
+            raise CheckpointError(f"{mpath}: tensor {name} lives in {e['file']}, which the manifest does not list")
+        if e["encoding"] == "experts" and not sub:
+            subs = e["experts"]
+            if not isinstance(subs, list) or not subs or e.get("num_experts") != len(subs):
+                raise CheckpointError(f"{mpath}: tensor {name}: expected num_experts = the length of a non-empty "
+                                      f"experts list, got {e.get('num_experts')!r} and {type(subs).__name__}")
+            experts = [_parse_entry(mpath, expert_name(name, k), s, files, sub=True) for k, s in enumerate(subs)]
+            shape, dtype = tuple(e["shape"]), dtype_from_name(e["dtype"])
+            for k, x in enumerate(experts):
+                if x.file != e["file"] or x.layer != e["layer"] or (len(subs), *x.shape) != shape or x.dtype != dtype:
+                    raise CheckpointError(f"{mpath}: tensor {name}: expert {k} is {list(x.shape)} {dtype_name(x.dtype)} in "
+                                          f"{x.file}, expected {list(shape[1:])} {dtype_name(dtype)} in {e['file']}")
+            if e["nnz"] != sum(x.nnz for x in experts):
+                raise CheckpointError(f"{mpath}: tensor {name}: nnz {e['nnz']} is not the sum of its experts' nnz")
+            return TensorEntry(name, e["file"], e["layer"], "experts", dtype, shape, e["nnz"], {}, experts=experts)
+        entry = TensorEntry(name, e["file"], e["layer"], e["encoding"], dtype_from_name(e["dtype"]),
+                            tuple(e["shape"]), e["nnz"], e["parts"], e.get("values"), e.get("group_size"),
+                            e.get("rel_error"))
+        if entry.encoding == "experts":
+            raise CheckpointError(f"{mpath}: tensor {name}: an expert slice cannot itself hold experts")
+        return entry
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{mpath}: malformed entry for tensor {name} ({type(err).__name__}: {err})") from None
+
+
+def _check_inside(mpath: Path, t: TensorEntry, r: dict, what: str) -> None:
+    for p in t.parts.values():
+        if not (isinstance(p.get("offset"), int) and isinstance(p.get("nbytes"), int)
+                and r["start"] <= p["offset"] and p["offset"] + p["nbytes"] <= r["end"]):
+            raise CheckpointError(f"{mpath}: tensor {p.get('name', t.name)} lies outside {what} "
+                                  f"[{r['start']}, {r['end']})")
 
 
 def _check_value_encoding(mpath: Path, t: TensorEntry) -> None:
