@@ -44,6 +44,7 @@ class ExpertStats:
     wasted: int = 0
     prefetches: int = 0  # prefetch reads started
     bytes_read: int = 0  # disk (aligned ranges as read) or host -> device
+    routed_bytes: int = 0  # stored bytes of the chosen experts (what routing needs without a cache)
     read_s: float = 0.0
     wait_s: float = 0.0  # compute side blocked in take()
 
@@ -71,7 +72,7 @@ def expert_keys(ckpt: Checkpoint) -> list[Key]:
 class ExpertCache:
     """`nslots` experts in memory on `device`, read from the checkpoint (disk) or from host bytes.
 
-    host: {layer: uint8 tensor of the layer's file bytes [data_start, ...)} for storage "host";
+    host: {layer: [uint8 tensor of expert e's bytes, verified]} for storage "host";
     on a CPU device those bytes are used in place (no slots), on CUDA they are copied into slots.
     """
 
@@ -154,6 +155,7 @@ class ExpertCache:
             for e in experts:
                 key = (layer, e)
                 self.stats.uses += 1
+                self.stats.routed_bytes += self.ckpt.expert_bytes(layer, e)
                 self.needed.add(key)
                 if self.in_place:
                     self.stats.hits += 1
@@ -325,9 +327,7 @@ class ExpertCache:
         return views
 
     def _host_bytes(self, i: int, e: int) -> torch.Tensor:
-        data, start = self.host[i]
-        _, a, z = self.ckpt.expert_range(i, e)
-        return data[a - start : z - start]
+        return self.host[i][e]
 
     def _host_views(self, i: int, e: int) -> dict:
         return self.ckpt.expert_views(i, e, self._host_bytes(i, e))

@@ -184,29 +184,47 @@ class Predictor:
 
 
 class ExpertsRuntime:
-    """The experts modules of a loaded model, their cache and predictor."""
+    """The experts modules of a loaded model, their cache and predictor.
 
-    def __init__(self, ckpt: Checkpoint, layers: nn.ModuleList, cache: ExpertCache, scratch: torch.Tensor | None,
-                 moe_layers: list[int]):
-        self.ckpt, self.cache, self.scratch = ckpt, cache, scratch
+    Built before planning (the planner needs the routers' size), installed once the cache exists.
+    """
+
+    def __init__(self, ckpt: Checkpoint, layers: nn.ModuleList, moe_layers: list[int]):
+        self.ckpt, self.moe_layers = ckpt, moe_layers
+        self.cache: ExpertCache | None = None
+        self.scratch: torch.Tensor | None = None
+        self.modules: list[tuple[int, nn.Module, dict[str, str]]] = []
         self.router_params: dict[int, list[str]] = {}  # checkpoint names kept resident for prediction
-        routers: dict[int, nn.Module] = {}
+        self.routers: dict[int, nn.Module] = {}
         for i in moe_layers:
             for path, params in find_experts(ckpt, layers[i], i).items():
                 mod = layers[i].get_submodule(path)
-                mod._sf_runtime, mod._sf_layer, mod._sf_params = self, i, params
-                mod.forward = types.MethodType(experts_forward, mod)
+                self.modules.append((i, mod, params))
                 block_path = path.rpartition(".")[0]
                 block = layers[i].get_submodule(block_path) if block_path else layers[i]
                 w = mod.gate_up_proj if mod.has_gate else mod.up_proj
                 hidden = w.shape[1] if mod.is_transposed else w.shape[2]
                 found = find_router(block, mod, mod.num_experts, hidden)
-                if found is not None and i not in routers:
+                if found is not None and i not in self.routers:
                     name, router = found
                     prefix = f"{ckpt.layers_prefix}.{i}.{block_path + '.' if block_path else ''}{name}."
-                    self.router_params[i] = [prefix + n for n, _ in router.named_parameters()]
-                    routers[i] = router
-        self.predictor = Predictor(cache, moe_layers, routers)
+                    names = [prefix + n for n, _ in router.named_parameters()]
+                    if all(n in ckpt.tensors for n in names):
+                        self.router_params[i] = names
+                        self.routers[i] = router
+
+    @property
+    def pinned(self) -> frozenset[str]:
+        return frozenset(n for names in self.router_params.values() for n in names)
+
+    def install(self, cache: ExpertCache) -> None:
+        """Route every experts module's forward through the cache."""
+        self.cache = cache
+        self.predictor = Predictor(cache, self.moe_layers, dict(self.routers))
+        for i, mod, params in self.modules:
+            mod._sf_runtime, mod._sf_layer, mod._sf_params = self, i, params
+            mod.forward = types.MethodType(experts_forward, mod)
 
     def close(self) -> None:
-        self.cache.close()
+        if self.cache is not None:
+            self.cache.close()
