@@ -106,9 +106,10 @@ def _cmd_synth(a) -> int:
     from .synth import synth
 
     rec = synth(a.out, arch=a.arch, params=a.params, sparsity=a.sparsity, seed=a.seed, dtype=a.dtype, vocab=a.vocab,
-                force=a.force, progress=not a.quiet)
+                experts=a.experts, top_k=a.top_k, force=a.force, progress=not a.quiet)
     sh = rec["shape"]
-    print(f"wrote {a.out}: {rec['arch']} {rec['params'] / 1e9:.3f}B parameters (hidden {sh['hidden']}, MLP {sh['intermediate']}, "
+    moe = f"{sh['experts']} experts of MLP {sh['intermediate']}, top-{sh['top_k']}" if sh.get("experts") else f"MLP {sh['intermediate']}"
+    print(f"wrote {a.out}: {rec['arch']} {rec['params'] / 1e9:.3f}B parameters (hidden {sh['hidden']}, {moe}, "
           f"{sh['layers']} layers, {sh['heads']} heads / {sh['kv_heads']} KV, vocab {sh['vocab']}), {rec['dtype']}, "
           f"sparsity {rec['sparsity']:g}, seed {rec['seed']}, {rec['bytes'] / 1e9:.3f} GB")
     return 0
@@ -226,8 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic HuggingFace model of a given size (random, magnitude-pruned)")
     p.add_argument("out", help="output folder")
-    p.add_argument("--arch", default="llama", help="llama (default), mistral, qwen2 or gpt_neox")
+    p.add_argument("--arch", default="llama", help="llama (default), mistral, qwen2, gpt_neox; mixtures of experts: "
+                                                  "mixtral (8 experts, top-2), qwen3_moe (128 experts, top-8)")
     p.add_argument("--params", default="1B", help="parameter count, e.g. 1B (TinyLlama-1.1B shape), 350M, 7B (default 1B)")
+    p.add_argument("--experts", type=int, default=None, help="mixtral/qwen3_moe: routed experts per layer (default: as above)")
+    p.add_argument("--top-k", type=int, default=None, help="mixtral/qwen3_moe: experts chosen per token (default: as above)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each decoder linear weight zeroed by magnitude (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="weights depend only on seed and tensor name (default 0)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")

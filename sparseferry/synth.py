@@ -11,7 +11,12 @@ shards with an index, a byte-level tokenizer) holding random weights of a plausi
     generator seeded by (seed, tensor name): the same seed gives the same weights, whatever the
     sparsity, so a 50%-pruned folder is exactly the magnitude-pruned copy of the unpruned one;
   * every linear weight inside the decoder layers (lm_head and embeddings are kept dense) has exactly
-    round(sparsity * numel) zeros, those of smallest magnitude;
+    round(sparsity * numel) zeros, those of smallest magnitude; so has every expert matrix;
+  * mixtures of experts ("mixtral": 8 experts, top-2; "qwen3_moe": 128 experts, top-8, or as asked)
+    are written as published checkpoints store them, one tensor per expert matrix under the names
+    transformers' save_pretrained gives them (its conversion mapping reversed, e.g. Mixtral's
+    `block_sparse_moe.experts.{e}.w1.weight`), so that reading them exercises the merge into fused
+    experts that loading applies; the routers are random, so routing is nearly uniform;
   * the safetensors header of a shard is written first (shapes are known from the config), then each
     tensor's bytes as it is generated: one tensor in memory at a time, never the model.
 """
@@ -46,7 +51,11 @@ class SynthError(SparseferryError):
 
 @dataclass(frozen=True)
 class Shape:
-    """The size of a decoder-only transformer (gated-MLP convention: `intermediate` ~ 2.75 x hidden)."""
+    """The size of a decoder-only transformer (gated-MLP convention: `intermediate` ~ 2.75 x hidden).
+
+    A mixture of experts has `experts` > 0 routed experts per layer, `top_k` of them chosen per token,
+    each a gated MLP of `intermediate` (then the size of one expert); `head_dim` 0 is hidden / heads.
+    """
 
     hidden: int
     intermediate: int
@@ -54,6 +63,17 @@ class Shape:
     heads: int
     kv_heads: int
     vocab: int = 32000
+    experts: int = 0
+    top_k: int = 0
+    head_dim: int = 0
+
+
+_OPTIONAL = ("experts", "top_k", "head_dim")  # Shape fields left out of records while 0 (dense records unchanged)
+
+
+def shape_record(shape: Shape) -> dict:
+    """The Shape as recorded in synth.json: the optional fields only when set."""
+    return {k: v for k, v in asdict(shape).items() if k not in _OPTIONAL or v}
 
 
 # Real shapes, smallest first; vocab 32000 (Llama-2 tokenizer size) throughout.
@@ -71,9 +91,37 @@ LADDER = (
 )
 
 
+# Mixtral-like: 8 experts, top-2, expert MLP 3.5 x hidden. The largest two are Mixtral-8x7B and 8x22B (vocab
+# kept at 32000); the smaller ones are those proportions scaled down.
+MIXTRAL_LADDER = (
+    Shape(128, 448, 4, 4, 2, experts=8, top_k=2),  # toy
+    Shape(256, 896, 6, 4, 2, experts=8, top_k=2),  # toy
+    Shape(512, 1792, 8, 8, 2, experts=8, top_k=2),  # ~0.2B
+    Shape(1024, 3584, 16, 16, 4, experts=8, top_k=2),  # ~1.5B
+    Shape(2048, 7168, 16, 16, 8, experts=8, top_k=2),  # ~5.8B
+    Shape(4096, 14336, 32, 32, 8, experts=8, top_k=2),  # Mixtral-8x7B
+    Shape(6144, 16384, 56, 48, 8, experts=8, top_k=2),  # Mixtral-8x22B
+)
+
+# Qwen3-MoE-like: many small experts, top-8 (64 in the small rungs, 128 as in the real models). The largest
+# two are Qwen3-30B-A3B and Qwen3-235B-A22B (head_dim 128; vocab kept at 32000).
+QWEN3_MOE_LADDER = (
+    Shape(128, 64, 4, 4, 2, experts=64, top_k=8),  # toy
+    Shape(256, 128, 6, 4, 2, experts=64, top_k=8),  # toy
+    Shape(512, 256, 8, 8, 2, experts=64, top_k=8),  # ~0.3B
+    Shape(1024, 384, 16, 16, 4, experts=128, top_k=8),  # ~2.5B
+    Shape(2048, 768, 48, 32, 4, experts=128, top_k=8, head_dim=128),  # Qwen3-30B-A3B
+    Shape(4096, 1536, 94, 64, 4, experts=128, top_k=8, head_dim=128),  # Qwen3-235B-A22B
+)
+
+
 def _gated(s: Shape) -> dict:
     return dict(hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
                 num_attention_heads=s.heads, num_key_value_heads=s.kv_heads)
+
+
+def _head_dim(s: Shape) -> dict:
+    return {"head_dim": s.head_dim} if s.head_dim else {}
 
 
 # Families: model_type -> the transformers config keys of a Shape. Adding one is one line.
@@ -83,7 +131,13 @@ FAMILIES = {
     "qwen2": _gated,  # adds q/k/v biases
     "gpt_neox": lambda s: dict(hidden_size=s.hidden, intermediate_size=4 * s.hidden, num_hidden_layers=s.layers,
                                num_attention_heads=s.heads),  # ungated MLP of 4 x hidden: ~ the same bytes
+    "mixtral": lambda s: dict(_gated(s), **_head_dim(s), num_local_experts=s.experts, num_experts_per_tok=s.top_k,
+                              sliding_window=None),
+    "qwen3_moe": lambda s: dict(_gated(s), **_head_dim(s), moe_intermediate_size=s.intermediate, num_experts=s.experts,
+                                num_experts_per_tok=s.top_k, decoder_sparse_step=1, mlp_only_layers=[],
+                                norm_topk_prob=True),  # every layer a mixture, as in the real models
 }
+LADDERS = {"mixtral": MIXTRAL_LADDER, "qwen3_moe": QWEN3_MOE_LADDER}  # the rest: LADDER
 
 
 def parse_params(params) -> int:
@@ -124,19 +178,43 @@ def count_params(arch: str, shape: Shape) -> tuple[int, int]:
     return total - per_layer, per_layer
 
 
-def choose_shape(arch: str, params, vocab: int | None = None) -> Shape:
+def _overrides(arch: str, vocab, experts, top_k) -> dict:
+    """The Shape fields the caller sets over a ladder rung, checked."""
+    if arch not in FAMILIES:
+        raise SynthError(f"--arch {arch!r} is not supported (choose from {', '.join(FAMILIES)})")
+    out = {"vocab": vocab} if vocab else {}
+    if arch not in LADDERS:
+        if experts or top_k:
+            raise SynthError(f"--arch {arch} is not a mixture of experts: --experts/--top-k apply to {', '.join(LADDERS)} only")
+        return out
+    if experts is not None:
+        if experts < 1:
+            raise SynthError(f"--experts must be at least 1, got {experts}")
+        out["experts"] = experts
+    if top_k is not None:
+        if top_k < 1:
+            raise SynthError(f"--top-k must be at least 1, got {top_k}")
+        out["top_k"] = top_k
+    return out
+
+
+def choose_shape(arch: str, params, vocab: int | None = None, experts: int | None = None, top_k: int | None = None) -> Shape:
     """A plausible shape of about `params` parameters for `arch` (see the module docstring).
 
     Args:
         params: the requested count ("1B", 350_000_000).
         vocab: override the vocabulary (default 32000); tiny models need a small one.
+        experts, top_k: mixtures of experts only: override the rungs' experts per layer / experts per token.
     Raises:
-        SynthError: unknown arch, or a count too small for one layer plus the embeddings.
+        SynthError: unknown arch, or a count too small for one layer plus the embeddings, or top_k > experts.
     """
     target = parse_params(params)
+    over = _overrides(arch, vocab, experts, top_k)
     fits = []
-    for rung in LADDER:
-        rung = Shape(**{**asdict(rung), "vocab": vocab or rung.vocab})
+    for rung in LADDERS.get(arch, LADDER):
+        rung = Shape(**{**asdict(rung), **over})
+        if rung.top_k > rung.experts:
+            raise SynthError(f"top-k {rung.top_k} is more than the {rung.experts} experts per layer")
         fixed, per_layer = count_params(arch, rung)
         fits.append((abs(math.log((fixed + rung.layers * per_layer) / target)), rung, fixed, per_layer))
     _, rung, fixed, per_layer = min(fits, key=lambda f: f[0])
@@ -147,6 +225,42 @@ def choose_shape(arch: str, params, vocab: int | None = None) -> Shape:
         raise SynthError(f"{arch} with {target:,} parameters: the embeddings and head alone take {fixed:,} "
                          f"(vocab {rung.vocab}); ask for more parameters or a smaller vocab")
     return Shape(**{**asdict(rung), "layers": layers})
+
+
+def published_entries(meta) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(name, shape, prunable) of every tensor of the checkpoint `meta` (a meta-device model) saves, in order.
+
+    Names and shapes are those of transformers' save_pretrained: its conversion mapping for the model
+    reversed one parameter at a time (fused experts become one tensor per expert, renamed as published;
+    most models have no mapping and keep their names). Inside a decoder layer the tensors are in the
+    natural order of their names (expert 0's matrices, then expert 1's, ...); outside, in module order.
+    Prunable: the linear weights of the decoder layers and the matrices of their experts.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from .hf import model_info
+
+    info = model_info(meta)
+    params = dict(meta.named_parameters())
+    groups: dict = {}  # layer index (None outside the layers, keyed by name) -> entries
+    for name in info.param_names:
+        if name in info.tied or name not in params:
+            continue
+        p = params[name]
+        layer = info.layer_of(name)
+        expert = layer is not None and p.dim() == 3 and not name.endswith("bias")
+        prunable = name in info.linear_weights or expert
+        saved = revert_weight_conversion(meta, {name: p})  # on the meta device: names and shapes only
+        rows = [(k, tuple(v.shape), prunable and v.dim() == 2) for k, v in saved.items()]
+        groups.setdefault(name if layer is None else layer, []).extend(rows)
+    out = []
+    for key, rows in groups.items():
+        out.extend(rows if not isinstance(key, int) else sorted(rows, key=lambda r: _natural(r[0])))
+    return out
+
+
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _seed_of(seed: int, name: str) -> int:
@@ -249,17 +363,19 @@ def read_marker(folder) -> dict | None:
 
 
 def synth(out, *, arch: str = "llama", params="1B", sparsity: float = 0.5, seed: int = 0, dtype: str = "bfloat16",
-          vocab: int | None = None, shape: Shape | None = None, shard_bytes: int = 1 << 30, force: bool = False,
-          progress: bool = True) -> dict:
+          vocab: int | None = None, experts: int | None = None, top_k: int | None = None, shape: Shape | None = None,
+          shard_bytes: int = 1 << 30, force: bool = False, progress: bool = True) -> dict:
     """Write a synthetic HuggingFace causal LM folder at `out`, streaming tensor by tensor.
 
     Args:
-        arch: a key of FAMILIES ("llama", "mistral", "qwen2", "gpt_neox").
+        arch: a key of FAMILIES ("llama", "mistral", "qwen2", "gpt_neox", "mixtral", "qwen3_moe").
         params: requested parameter count ("1B"); ignored when `shape` is given.
         sparsity: fraction of each decoder linear weight zeroed by magnitude, in [0, 1).
         seed: weights are a function of (seed, tensor name) only.
         dtype: "bfloat16", "float16" or "float32".
         vocab: vocabulary size (default 32000; at least 260).
+        experts, top_k: mixtures of experts: experts per layer and per token (default: the ladder's,
+            8 and 2 for mixtral, 128 and 8 for qwen3_moe; 64 in its smallest rungs).
         shape: an explicit Shape instead of one chosen from `params`.
         shard_bytes: maximum bytes of one safetensors shard.
         force: replace an existing `out`; without it an existing folder made with the same settings is
@@ -275,8 +391,8 @@ def synth(out, *, arch: str = "llama", params="1B", sparsity: float = 0.5, seed:
         raise SynthError(f"dtype {dtype!r} is not supported (choose from {', '.join(_DTYPES)})")
     if not 0 <= sparsity < 1:
         raise SynthError(f"sparsity must be in [0, 1), got {sparsity}")
-    shape = shape or choose_shape(arch, params, vocab=vocab)
-    want = {"arch": arch, "shape": asdict(shape), "sparsity": sparsity, "seed": seed, "dtype": dtype, "std": STD}
+    shape = shape or choose_shape(arch, params, vocab=vocab, experts=experts, top_k=top_k)
+    want = {"arch": arch, "shape": shape_record(shape), "sparsity": sparsity, "seed": seed, "dtype": dtype, "std": STD}
     if out.exists() and not force:
         have = read_marker(out)
         if have is not None and {k: have.get(k) for k in want} == want:
@@ -285,13 +401,14 @@ def synth(out, *, arch: str = "llama", params="1B", sparsity: float = 0.5, seed:
 
     from tqdm import tqdm
 
-    from .hf import build_meta_model, model_info
+    from .hf import build_meta_model
 
     t0 = time.perf_counter()
     config = model_config(arch, shape, dtype)
     meta = build_meta_model(config)
-    info = model_info(meta)
-    entries = [(n, tuple(p.shape)) for n, p in meta.named_parameters() if n not in info.tied]
+    published = published_entries(meta)
+    entries = [(n, s) for n, s, _ in published]
+    prunable = {n for n, _, p in published if p}
     nparams = sum(math.prod(s) for _, s in entries)
     torch_dtype, st_dtype = _DTYPES[dtype]
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
@@ -310,7 +427,7 @@ def synth(out, *, arch: str = "llama", params="1B", sparsity: float = 0.5, seed:
             with open(tmp / fname, "wb") as f:
                 f.write(_safetensors_header(shard, itemsize, st_dtype))
                 for name, shp in shard:
-                    t = make_tensor(name, shp, seed=seed, sparsity=sparsity, prunable=name in info.linear_weights,
+                    t = make_tensor(name, shp, seed=seed, sparsity=sparsity, prunable=name in prunable,
                                     dtype=torch_dtype)
                     f.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
                     weight_map[name] = fname

@@ -35,7 +35,7 @@ def load_state(folder) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox", "mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("params", ["125M", "500M", "1B", "3B", "7B", "13B", "70B"])
 def test_shape_has_about_the_requested_parameters(arch, params):
     shape = choose_shape(arch, params)
@@ -186,3 +186,81 @@ def test_cli_synth(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "m"), "--params", "1.5M", "--vocab", "512", "--sparsity", "0.25", "-q"]) == 0
     assert "sparsity 0.25" in capsys.readouterr().out
     assert read_marker(tmp_path / "m")["sparsity"] == 0.25
+
+
+MOE_TINY = dict(params="3M", vocab=512, shard_bytes=1_000_000, progress=False)
+
+
+@pytest.mark.parametrize("arch, experts, top_k", [("mixtral", 8, 2), ("qwen3_moe", 64, 8)])
+def test_moe_shapes_are_mixtral_and_qwen3_moe_like(arch, experts, top_k):
+    for params in ("3M", "4B", "8B"):
+        shape = choose_shape(arch, params, vocab=512 if params == "3M" else None)
+        assert shape.experts >= experts and shape.top_k == top_k
+    assert choose_shape("mixtral", "47B") == Shape(4096, 14336, 32, 32, 8, experts=8, top_k=2)  # Mixtral-8x7B
+    assert choose_shape("qwen3_moe", "30B").head_dim == 128  # Qwen3-30B-A3B
+    assert choose_shape("qwen3_moe", "4B", experts=96, top_k=4).experts == 96
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+def moe_folder(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    rec = synth(root / "m", arch=request.param, sparsity=0.5, seed=1, **MOE_TINY)
+    return root / "m", rec
+
+
+def test_moe_folder_is_what_save_pretrained_writes(moe_folder, tmp_path):
+    """The oracle: transformers loads the folder (merging the per-expert tensors into fused experts) and
+    saves it again (splitting them as published): same tensor names, shapes and values."""
+    from transformers import AutoModelForCausalLM
+
+    folder, rec = moe_folder
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert sum(p.numel() for p in model.parameters()) == rec["params"]
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape[0] == rec["shape"]["experts"]
+    assert model.config.num_experts_per_tok == rec["shape"]["top_k"]
+    model.save_pretrained(tmp_path / "resaved")
+    ours, theirs = load_state(folder), load_state(tmp_path / "resaved")
+    assert ours.keys() == theirs.keys()
+    assert any(".experts.1." in n for n in ours)  # one tensor per expert, as published
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+def test_moe_every_expert_matrix_has_exact_sparsity_and_routers_stay_dense(moe_folder):
+    folder, rec = moe_folder
+    state = load_state(folder)
+    expert = [n for n in state if ".experts." in n]
+    assert len(expert) == 3 * rec["shape"]["experts"] * rec["shape"]["layers"]
+    for n in expert:
+        assert int((state[n] == 0).sum()) == round(0.5 * state[n].numel()), n
+    routers = [n for n in state if n.endswith("gate.weight") and ".experts." not in n]
+    assert routers and all(int((state[n] == 0).sum()) == 0 for n in routers)
+
+
+def test_moe_sparsity_zero_is_the_unpruned_twin(moe_folder, tmp_path):
+    folder, rec = moe_folder
+    synth(tmp_path / "d", arch=rec["arch"], sparsity=0.0, seed=1, **MOE_TINY)
+    dense = load_state(tmp_path / "d")
+    for n, w in load_state(folder).items():
+        nz = w != 0
+        assert torch.equal(w[nz], dense[n][nz]), n
+
+
+def test_moe_arguments_are_checked(tmp_path):
+    with pytest.raises(SynthError, match="not a mixture of experts"):
+        synth(tmp_path / "x", arch="llama", experts=8, **TINY)
+    with pytest.raises(SynthError, match="top-k 9 is more than the 8 experts"):
+        synth(tmp_path / "x", arch="mixtral", top_k=9, **MOE_TINY)
+    with pytest.raises(SynthError, match="at least 1"):
+        synth(tmp_path / "x", arch="qwen3_moe", experts=0, **MOE_TINY)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_synth_moe(tmp_path, capsys):
+    from sparseferry.cli import main
+
+    assert main(["synth", str(tmp_path / "m"), "--arch", "qwen3_moe", "--params", "3M", "--vocab", "512",
+                 "--experts", "80", "--top-k", "6", "-q"]) == 0
+    assert "80 experts" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (cfg["model_type"], cfg["num_local_experts"], cfg["num_experts_per_tok"]) == ("qwen3_moe", 80, 6)
