@@ -101,3 +101,29 @@ def moe_checkpoint(model: nn.Module, dst, *, values: str | None = None, group_si
                                            if info.layer_of(n) is None], None)
         w.commit()
     return dst
+
+
+# Other families with fused experts, built from one set of generic tiny settings (each key applied
+# only where the family's config has it): the sweep checks them without any per-family choice.
+SWEEP_FAMILIES = ("qwen2_moe", "phimoe", "granitemoe", "minimax", "ernie4_5_moe", "glm4_moe", "deepseek_v2", "flex_olmo")
+_GENERIC = dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_local_experts=4,
+                n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2, moe_k=2, top_k=2, first_k_dense_replace=0,
+                n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                v_head_dim=16, decoder_sparse_step=1, moe_layer_freq=1, mlp_only_layers=[])
+
+
+def generic_moe_model(model_type: str, *, seed: int = 0) -> nn.Module:
+    import transformers
+    from transformers import AutoConfig
+
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+              vocab_size=260, max_position_embeddings=128, head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    defaults = AutoConfig.for_model(model_type)
+    kw.update({k: v for k, v in _GENERIC.items() if hasattr(defaults, k)})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 3:
+                _prune_(p.data, 0.5)
+    return model.eval()

@@ -23,7 +23,7 @@ from sparseferry.runtime.expert_cache import ExpertCache
 from sparseferry.store import open_checkpoint
 
 sys.path.insert(0, os.path.dirname(__file__))
-from moe_models import FAMILIES, moe_checkpoint, moe_config, moe_model  # noqa: E402
+from moe_models import FAMILIES, SWEEP_FAMILIES, generic_moe_model, moe_checkpoint, moe_model  # noqa: E402
 
 
 def minimum_budget(path) -> int:
@@ -303,3 +303,29 @@ def test_peak_rss_stays_under_budget_plus_allowance(tmp_path):
     allowance = 16 * 2**20
     assert r["dense"] > 2 * (r["budget"] + allowance), "model too small for the test to mean anything"
     assert r["peak"] - r["before"] <= r["budget"] + allowance, r
+
+
+def test_generate_cli_prints_the_expert_line(built, capsys):
+    from sparseferry.cli import main
+
+    from conftest import write_tokenizer
+
+    _, path = built("mixtral")
+    write_tokenizer(path)
+    assert main(["generate", str(path), "--prompt", "hello", "--max-new-tokens", "4", "--budget", "60%"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"experts: 6 chosen/token, cache \d+ of 12 experts, hit rate \d+%", err), err
+    assert "predicted" in err and "missed" in err
+
+
+@pytest.mark.parametrize("model_type", SWEEP_FAMILIES)
+def test_other_moe_families_at_the_minimum_budget(model_type, tmp_path):
+    model = generic_moe_model(model_type)
+    path = moe_checkpoint(model, tmp_path / "ckpt")
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+        sm = sparseferry.load(path, memory_budget=minimum_budget(path))
+        torch.testing.assert_close(sm(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    assert sm.sparseferry.experts.cache.stats.missed > 0
+    sm.sparseferry.close()
