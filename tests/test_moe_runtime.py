@@ -23,7 +23,7 @@ from sparseferry.runtime.expert_cache import ExpertCache
 from sparseferry.store import open_checkpoint
 
 sys.path.insert(0, os.path.dirname(__file__))
-from moe_models import FAMILIES, SWEEP_FAMILIES, generic_moe_model, moe_checkpoint, moe_model  # noqa: E402
+from moe_runtime_models import FAMILIES, SWEEP_FAMILIES, generic_moe_model, moe_checkpoint, moe_model  # noqa: E402
 
 
 def minimum_budget(path) -> int:
@@ -234,7 +234,7 @@ def test_fp32_router_in_a_bf16_model(tmp_path, monkeypatch):
     weight's dtype. A streamed weight must report the dtype it is stored in (here bf16, bitmap-
     encoded), or F.linear gets fp32 x and bf16 W (`expected m1 and m2 to have the same dtype`)."""
     import sparseferry.runtime.experts as experts_mod
-    from moe_models import _prune_
+    from moe_runtime_models import _prune_
 
     ids = torch.randint(0, 256, (1, 12))  # more rows than the fused kernel takes: decompress + F.linear
     model = moe_model("hunyuan_v1_moe", dtype=torch.bfloat16)  # router fp32, as the model class builds it
