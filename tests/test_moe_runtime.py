@@ -1,6 +1,6 @@
 """Mixture-of-experts models stream their layers' bases and read only the experts their routers choose.
 
-The oracle is transformers running the same weights: the tiny random models of tests/moe_models.py
+The oracle is transformers running the same weights: the tiny random models of tests/moe_runtime_models.py
 (six families), written as checkpoints with every expert stored on its own, give the same logits
 and the same greedy tokens at every budget from the minimum to everything resident, from disk and
 from host memory, for a padded batch of prompts.
