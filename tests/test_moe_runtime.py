@@ -132,7 +132,7 @@ def test_a_wrong_guess_costs_a_read_never_a_wrong_result(built, monkeypatch):
         ref = model(ids).logits
     sm = sparseferry.load(path, memory_budget="70%")
     pred = sm.sparseferry.experts.predictor
-    wrong = lambda j, x, k: [e for e in range(4) if e not in set(_routed_cache[j])][:1]  # noqa: E731
+    wrong = lambda j, x, k: [e for e in range(4) if e not in set(_routed_cache[j])][:1] + [99]  # noqa: E731  (99: no such expert)
     _routed_cache = {i: sorted(s) for i, s in _routed(model, ids).items()}
     monkeypatch.setattr(pred, "_route", wrong)
     sm.sparseferry.experts.cache.close()  # empty the pool: every chosen expert must be read

@@ -174,10 +174,11 @@ class ExpertCache:
         if self.in_place or not self.nslots:
             return
         self._start()
+        n = self.ckpt.num_experts(layer)
         with self.cv:
             for e in experts:
                 key = (layer, int(e))
-                if key not in self.slot_of and key not in self.ahead:
+                if 0 <= key[1] < n and key not in self.slot_of and key not in self.ahead:
                     self.ahead.append(key)
             self.cv.notify_all()
 

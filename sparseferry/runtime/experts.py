@@ -175,8 +175,10 @@ class Predictor:
         outs = out if isinstance(out, (tuple, list)) else (out,)
         idx = next((t for t in outs if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2), None)
         if idx is None:
-            scores = next((t for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
-            if scores is None or scores.shape[-1] < k:
+            n = self.cache.ckpt.num_experts(j)
+            scores = next((t for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point()
+                           and t.dim() == 2 and t.shape[-1] == n), None)
+            if scores is None or n < k:
                 self.routers.pop(j, None)
                 return None
             idx = scores.topk(k, dim=-1).indices
