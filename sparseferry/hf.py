@@ -40,10 +40,18 @@ def config_from_dict(cfg: dict):
     model_type = cfg.get("model_type")
     if not model_type:
         raise ModelError("config.json has no 'model_type'")
+    from transformers import PretrainedConfig
+
+    # config.json writes inf / nan as {"__float__": "Infinity"}; transformers decodes them when it reads the file
+    decode_floats = getattr(PretrainedConfig, "_decode_special_floats", None)
+    if decode_floats is not None:
+        cfg = decode_floats(cfg)
     try:
         return AutoConfig.for_model(**cfg)
     except (ValueError, KeyError) as e:
         raise ModelError(f"model_type {model_type!r} is not known to transformers ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a config transformers' own validation rejects
+        raise ModelError(f"config.json: transformers rejects this {model_type!r} config ({type(e).__name__}: {e})") from None
 
 
 def build_meta_model(config) -> nn.Module:
@@ -61,17 +69,69 @@ def build_meta_model(config) -> nn.Module:
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, module) of the ModuleList holding the decoder layers."""
-    best = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            kinds = {type(m) for m in mod}
-            nparams = sum(p.numel() for p in mod.parameters())
-            if len(kinds) == 1 and (best is None or nparams > best[2]):
-                best = (name, mod, nparams)
-    if best is None:
+    """(qualified name, module) of the ModuleList holding the decoder layers.
+
+    The list whose length is the config's `num_hidden_layers` (the largest, if several), else the
+    largest ModuleList of identical blocks. Layers of several classes (hybrid models such as
+    Jamba: Mamba and attention layers) are fine as long as each holds its own parameters; layers
+    sharing parameters with each other (Zamba, Zamba2: one transformer block reused at several
+    depths) cannot be streamed one layer at a time and are refused.
+    """
+    lists = [(name, mod, sum(p.numel() for p in mod.parameters()))
+             for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0]
+    depth = _num_hidden_layers(getattr(model, "config", None))
+    by_depth = [c for c in lists if depth is not None and len(c[1]) == depth]
+    same = [c for c in lists if len({type(m) for m in c[1]}) == 1]
+    pool = by_depth or same
+    if not pool:
         raise ModelError(f"{type(model).__name__}: no decoder layers found (expected a ModuleList of identical blocks)")
-    return best[0], best[1]
+    name, layers, _ = max(pool, key=lambda c: c[2])
+    owner: dict[int, str] = {}
+    for i, layer in enumerate(layers):
+        for pname, p in layer.named_parameters(remove_duplicate=False):
+            j = owner.setdefault(id(p), f"{name}.{i}.{pname}")
+            if not j.startswith(f"{name}.{i}."):
+                raise ModelError(f"{type(model).__name__}: its decoder layers share parameters ({j} is also "
+                                 f"{name}.{i}.{pname}); streaming them one layer at a time is not supported")
+    return name, layers
+
+
+def _num_hidden_layers(config) -> int | None:
+    if config is None:
+        return None
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text() if get_text is not None else config
+    for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        v = getattr(text, k, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def expert_parameters(layers: nn.Module, prefix: str) -> dict[str, int]:
+    """{parameter name: E} of the expert parameters inside the decoder layers (docs/FORMAT.md, 2b).
+
+    A fused-experts module is one with an integer `num_experts` (transformers' experts classes,
+    JetMoE's parallel experts) or `moe_num_experts` (DBRX). Its expert parameters are those of 2 or
+    more dims whose leading dim is E (`[E, R, C]` matrices, `[E, R]` biases) when it holds such a
+    matrix; otherwise (DBRX: `[E * F, H]`) its 2-D parameters whose rows split into E equal blocks.
+    Either way expert e's slice is the e-th of E equal contiguous pieces of the parameter.
+    """
+    out = {}
+    for mname, mod in layers.named_modules():
+        e = getattr(mod, "num_experts", None)
+        if e is None:
+            e = getattr(mod, "moe_num_experts", None)
+        if not isinstance(e, int) or isinstance(e, bool) or e < 1 or isinstance(mod, nn.modules.conv._ConvNd):
+            continue
+        direct = list(mod.named_parameters(recurse=False))
+        if any(p.dim() >= 3 and p.shape[0] == e for _, p in direct):
+            picked = [n for n, p in direct if p.dim() >= 2 and p.shape[0] == e]
+        else:
+            picked = [n for n, p in direct if p.dim() == 2 and p.shape[0] > e and p.shape[0] % e == 0]
+        for pname in picked:
+            out[f"{prefix}.{mname}.{pname}" if mname else f"{prefix}.{pname}"] = e
+    return out
 
 
 def is_linear(mod: nn.Module) -> bool:
@@ -97,6 +157,10 @@ class ModelInfo:
     base_prefix: str = ""  # e.g. "model" (GPT-2 checkpoints may omit "transformer.")
     top_linear_weights: set[str] = field(default_factory=set)  # linear weights outside layers (lm_head)
     embedding_weights: set[str] = field(default_factory=set)
+    expert_params: dict[str, int] = field(default_factory=dict)  # fused expert parameters -> number of experts
+    # persistent buffers (in the state dict, not parameters: e.g. DeepSeek-V3's router score correction);
+    # stored when the checkpoint has them, else they keep the values the model computes at construction
+    buffer_names: list[str] = field(default_factory=list)
 
     def layer_of(self, name: str) -> int | None:
         """Decoder layer index of a parameter name, or None outside the layers."""
@@ -153,6 +217,8 @@ def model_info(model: nn.Module) -> ModelInfo:
         base_prefix=getattr(model, "base_model_prefix", "") or "",
         top_linear_weights=top_linear,
         embedding_weights=emb,
+        expert_params=expert_parameters(layers, prefix),
+        buffer_names=[n for n in model.state_dict() if n not in seen],
     )
 
 

@@ -129,13 +129,36 @@ def expert_name(name: str, e: int) -> str:
     return f"{name.removesuffix('.weight')}.experts.{e}"
 
 
-def prepare_experts(name: str, slices, sparse: bool, *, values: str | None = None, group_size: int = 128) -> StoredTensor:
-    """An expert parameter [E, ...] stored as E ordinary tensors, one per expert (`prepare` on each slice).
+def expert_slices(w: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
+    """Expert e's slice of an expert parameter: the e-th of E equal contiguous pieces along dim 0
+    (`w[e]` for `[E, R, C]`; rows `e*F .. (e+1)*F - 1` for DBRX's `[E * F, H]`)."""
+    if w.shape[0] == num_experts:
+        return list(w.unbind(0))
+    if w.dim() < 2 or w.shape[0] % num_experts:
+        raise CheckpointError(f"parameter of shape {list(w.shape)} does not split into {num_experts} experts along dim 0")
+    return list(w.reshape(num_experts, w.shape[0] // num_experts, *w.shape[1:]).unbind(0))
 
-    `slices` is the parameter itself or any sequence of its E slices along dim 0 (so a caller can
-    hand them over one by one). 2-D slices are bitmap-encoded (or quantized) when `sparse`, 1-D
+
+def experts_shape_ok(shape: tuple[int, ...], num_experts: int, sub: tuple[int, ...]) -> bool:
+    """Whether E slices of shape `sub` make up a parameter of `shape` (see `expert_slices`)."""
+    return tuple(shape) == (num_experts, *sub) or (
+        len(sub) >= 1 and len(shape) == len(sub) and shape[0] == num_experts * sub[0] and tuple(shape[1:]) == tuple(sub[1:]))
+
+
+def prepare_experts(name: str, w, sparse: bool, *, num_experts: int | None = None, values: str | None = None,
+                    group_size: int = 128) -> StoredTensor:
+    """An expert parameter stored as E ordinary tensors, one per expert (`prepare` on each slice).
+
+    `w` is the parameter (split by `expert_slices` into `num_experts`, default its leading dim) or
+    the sequence of its E slices. 2-D slices are bitmap-encoded (or quantized) when `sparse`, 1-D
     slices (per-expert biases) stay dense.
     """
+    if isinstance(w, torch.Tensor):
+        shape = tuple(w.shape)
+        slices = expert_slices(w, num_experts or w.shape[0])
+    else:
+        slices = list(w)
+        shape = (len(slices), *slices[0].shape) if slices else ()
     subs = [prepare(expert_name(name, e), s, sparse and s.dim() == 2, values=values, group_size=group_size)
             for e, s in enumerate(slices)]
     if not subs:
@@ -145,8 +168,7 @@ def prepare_experts(name: str, slices, sparse: bool, *, values: str | None = Non
         if st.shape != first.shape or st.dtype != first.dtype:
             raise CheckpointError(f"{name}: expert {e} is {list(st.shape)} {dtype_name(st.dtype)}, expert 0 is "
                                   f"{list(first.shape)} {dtype_name(first.dtype)} (every expert must have one shape and dtype)")
-    return StoredTensor(name, "experts", first.dtype, (len(subs), *first.shape), sum(st.nnz for st in subs), {},
-                        experts=subs)
+    return StoredTensor(name, "experts", first.dtype, shape, sum(st.nnz for st in subs), {}, experts=subs)
 
 
 def from_bitmap(name: str, bt: BitmapTensor, rel_error: float | None = None) -> StoredTensor:
@@ -600,7 +622,9 @@ class Checkpoint:
         """A parameter as a dense tensor (decoded with the reference decoder), a fresh copy."""
         s = self.stored(name, verify=verify)
         if isinstance(s, list):  # an expert parameter: its experts' slices, stacked
-            return torch.stack([decode(x, device=device) if isinstance(x, BitmapTensor) else x.to(device) for x in s])
+            e = self.tensors[name]
+            return torch.stack([decode(x, device=device) if isinstance(x, BitmapTensor) else x.to(device)
+                                for x in s]).reshape(e.shape)
         if isinstance(s, BitmapTensor):
             return decode(s, device=device)
         return s.to(device, copy=True)
@@ -778,9 +802,11 @@ def _parse_entry(mpath: Path, name: str, e, files: dict, sub: bool = False) -> T
             experts = [_parse_entry(mpath, expert_name(name, k), s, files, sub=True) for k, s in enumerate(subs)]
             shape, dtype = tuple(e["shape"]), dtype_from_name(e["dtype"])
             for k, x in enumerate(experts):
-                if x.file != e["file"] or x.layer != e["layer"] or (len(subs), *x.shape) != shape or x.dtype != dtype:
+                if x.file != e["file"] or x.layer != e["layer"] or x.dtype != dtype or x.shape != experts[0].shape \
+                        or not experts_shape_ok(shape, len(subs), x.shape):
                     raise CheckpointError(f"{mpath}: tensor {name}: expert {k} is {list(x.shape)} {dtype_name(x.dtype)} in "
-                                          f"{x.file}, expected {list(shape[1:])} {dtype_name(dtype)} in {e['file']}")
+                                          f"{x.file}, expected one of {len(subs)} equal pieces of {list(shape)} "
+                                          f"{dtype_name(dtype)} in {e['file']}")
             if e["nnz"] != sum(x.nnz for x in experts):
                 raise CheckpointError(f"{mpath}: tensor {name}: nnz {e['nnz']} is not the sum of its experts' nnz")
             return TensorEntry(name, e["file"], e["layer"], "experts", dtype, shape, e["nnz"], {}, experts=experts)

@@ -17,7 +17,6 @@ from ..hf import (
     config_from_dict,
     find_decoder_layers,
     model_info,
-    normalize_key,
     read_config_dict,
 )
 
@@ -69,7 +68,7 @@ class FolderSource:
     """A HuggingFace model folder: config.json, weights (*.safetensors or *.bin), tokenizer files."""
 
     def __init__(self, folder):
-        from ..convert import SourceWeights
+        from ..hf_folder import HFWeights
 
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -79,18 +78,10 @@ class FolderSource:
         self.model = build_skeleton(self.config)
         self.layers_prefix, self.layers = find_decoder_layers(self.model)
         self.info = model_info(self.model)
-        self.weights = SourceWeights(self.folder)
-        names = set(self.info.param_names)
-        self.keys: dict[str, str] = {}  # parameter name -> key in the source files
-        for k in self.weights.keys():
-            n = normalize_key(k, names, self.info.base_prefix)
-            if n is not None:
-                self.keys[n] = k
-        self.tied = {t: s for t, s in self.info.tied.items() if t not in self.keys}
-        missing = [n for n in self.info.param_names if n not in self.keys and n not in self.tied]
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise ModelError(f"{self.folder}: weights missing for {', '.join(missing[:5])}{more}")
+        # the shared reader of HuggingFace folders: files, compressed-tensors, transformers' conversion mapping
+        self.weights = HFWeights(self.folder, self.model, self.info, self.config_dict)
+        self.tied = {t: s for t, s in self.info.tied.items() if not self.weights.has(t)}
+        self.weights.check_complete(self.tied)
         self.name = self.folder.name
         dt = self.config_dict.get("torch_dtype") or self.config_dict.get("dtype")
         # bytes per element of the stored weights (for the memory estimate; fp32 when unknown)
@@ -102,12 +93,13 @@ class FolderSource:
         return [n for n in self.info.param_names if n not in self.tied]
 
     def tensor(self, name: str) -> torch.Tensor:
-        """A parameter in its source dtype and layout."""
-        return self.weights.get(self.keys[name])
+        """A parameter in its source dtype, in the model's layout (conversions applied, bitmaps decoded)."""
+        return self.weights.tensor(name)
 
     def output_key(self, name: str) -> str:
-        """The key under which a HuggingFace checkpoint stores this parameter (as in the source)."""
-        return self.keys[name]
+        """The key under which a HuggingFace checkpoint stores this parameter: the source's own for a
+        renamed tensor, the model's name for one that transformers' conversion mapping built."""
+        return self.weights.source_key(name)
 
     def materialize_non_layer(self, dtype: torch.dtype) -> None:
         """Load the parameters outside the decoder layers that run before layer 0, in `dtype`.

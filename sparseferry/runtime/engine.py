@@ -51,6 +51,9 @@ def _device(device) -> torch.device:
 def _set_param(model: nn.Module, name: str, value: torch.Tensor | nn.Parameter) -> None:
     mod_name, _, leaf = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
+    if leaf in mod._buffers:  # a persistent buffer stored in the checkpoint (e.g. a router's score correction)
+        mod._buffers[leaf] = value.detach() if isinstance(value, nn.Parameter) else value
+        return
     mod._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
 
 
@@ -67,12 +70,38 @@ def _bitmap_forward(self: nn.Module, *args, **kwargs):
     from ..kernels import MATVEC_MAX_BATCH, decompress, sparse_matmul
 
     x = args[0] if args else next(iter(kwargs.values()))
-    if type(self) is nn.Linear and x.numel() // x.shape[-1] <= MATVEC_MAX_BATCH:
+    if self._sf_linear and x.numel() // x.shape[-1] <= MATVEC_MAX_BATCH:
         return sparse_matmul(x, bt, self.bias)
     rows, cols = bt.shape
     w = self._sf_scratch[: rows * cols * bt.dtype.itemsize].view(bt.dtype).view(rows, cols)
     self._parameters["weight"] = nn.Parameter(decompress(bt, out=w), requires_grad=False)
+    self._sf_owner[:] = [self, bt]  # the scratch holds this module's matrix until another one decompresses
     return self._sf_forward(*args, **kwargs)
+
+
+_BITMAP_CLASSES: dict[type, type] = {}
+
+
+def _bitmap_weight(self):
+    """`weight` of a module computing from a bitmap: code that reads it without calling the module
+    (Mamba's `dt_proj.weight @ x`) gets the decompressed matrix, never another module's scratch."""
+    bt = self.__dict__.get("_sf_bitmap")
+    w = self._parameters.get("weight")
+    if bt is None or (self._sf_owner[0] is self and self._sf_owner[1] is bt):
+        return w
+    from ..kernels import decompress
+
+    return decompress(bt)
+
+
+def _give_bitmap_weight(mod: nn.Module) -> None:
+    """Swap `mod`'s class for a subclass whose `weight` is `_bitmap_weight` (same name, same forward)."""
+    cls = type(mod)
+    sub = _BITMAP_CLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (cls,), {"weight": property(_bitmap_weight), "__module__": cls.__module__})
+        _BITMAP_CLASSES[cls] = sub
+    mod.__class__ = sub
 
 
 def _peak_rss_bytes() -> int:
@@ -139,6 +168,7 @@ class StreamingEngine:
         from ..io import aligned_empty
 
         self.scratch = aligned_empty(self.plan.scratch_bytes) if self.plan.scratch_bytes else None
+        self._scratch_owner = [None, None]  # (module, bitmap) whose matrix the scratch holds
         for i in self.plan.streamed:
             plen = len(f"{self.ckpt.layers_prefix}.{i}.")
             for name in self.ckpt.base_params(i):  # experts: runtime/experts.py
@@ -152,7 +182,10 @@ class StreamingEngine:
                     mod._sf_forward = mod.forward
                     mod._sf_bitmap = None
                     mod._sf_scratch = self.scratch
+                    mod._sf_linear = type(mod) is nn.Linear
+                    mod._sf_owner = self._scratch_owner
                     mod.forward = types.MethodType(_bitmap_forward, mod)
+                    _give_bitmap_weight(mod)
 
     # -- hooks: the schedule's compute side
     def _install_hooks(self) -> None:
@@ -166,7 +199,6 @@ class StreamingEngine:
 
     def _make_pre(self, i: int):
         layer = self.layers[i]
-
         plen = len(f"{self.ckpt.layers_prefix}.{i}.")
         pinned = {n[plen:] for n in self.pinned if self.ckpt.tensors[n].layer == i}
 
