@@ -30,6 +30,7 @@ from .expert_cache import ExpertCache, expert_keys
 from .experts import ExpertsRuntime
 from .pipeline import LayerSource, Pipeline
 from .plan import Plan, make_plan
+from .whole_experts import whole_experts
 
 
 class RuntimeLoadError(SparseferryError):
@@ -171,8 +172,9 @@ class StreamingEngine:
         self._scratch_owner = [None, None]  # (module, bitmap) whose matrix the scratch holds
         for i in self.plan.streamed:
             plen = len(f"{self.ckpt.layers_prefix}.{i}.")
-            for name in self.ckpt.base_params(i):  # experts: runtime/experts.py
-                if self.ckpt.tensors[name].encoding == "dense":
+            base = self.experts is not None and i in self.experts.per_expert  # experts: runtime/experts.py
+            for name in self.ckpt.base_params(i) if base else self.ckpt.layer_tensors(i):
+                if self.ckpt.tensors[name].encoding in ("dense", "experts"):  # whole experts: whole_experts.py
                     continue
                 mod_name, _, leaf = name[plen:].rpartition(".")
                 mod = self.layers[i].get_submodule(mod_name)
@@ -199,6 +201,7 @@ class StreamingEngine:
 
     def _make_pre(self, i: int):
         layer = self.layers[i]
+        prefix = f"{self.ckpt.layers_prefix}.{i}."
         plen = len(f"{self.ckpt.layers_prefix}.{i}.")
         pinned = {n[plen:] for n in self.pinned if self.ckpt.tensors[n].layer == i}
 
@@ -208,6 +211,8 @@ class StreamingEngine:
                     continue
                 if isinstance(t, BitmapTensor):  # views mode: the module computes from the bitmap
                     layer.get_submodule(rel.rpartition(".")[0])._sf_bitmap = t
+                elif isinstance(t, list):  # views mode, a layer streamed whole: every expert decoded
+                    _set_param(layer, rel, whole_experts(t, self.ckpt.tensors[f"{prefix}{rel}"].shape))
                 else:
                     _set_param(layer, rel, t)
             self._layer_t0 = time.perf_counter()
@@ -406,9 +411,12 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
     layers = model.get_submodule(info.layers_prefix)
     moe_layers = [i for i in range(ckpt.num_layers) if ckpt.num_experts(i)]
     experts = ExpertsRuntime(ckpt, layers, moe_layers) if moe_layers else None
+    if experts is not None and not experts.moe_layers:
+        experts = None  # no fused-experts module: MoE layers stream whole
+    per_expert = experts.per_expert if experts else frozenset()
     plan = make_plan(ckpt, budget, storage=storage, nslots=nslots, nreadbufs=nreadbufs, slots=use_slots,
                      exclude=frozenset([lazy_emb] if lazy_emb else []), prefer_dense=resident_form == "dense",
-                     pinned=experts.pinned if experts else frozenset())
+                     pinned=experts.pinned if experts else frozenset(), per_expert=per_expert)
     if experts is not None and not plan.streamed:  # everything dense: transformers' own experts forward
         experts = None
 
@@ -440,18 +448,18 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
     if plan.streamed:
         sources, slot_shapes = [], {}
         for i in plan.streamed:
-            base = ckpt.num_experts(i) > 0  # only the base streams here; experts: the ExpertCache
+            base = i in per_expert  # only the base streams here; experts: the ExpertCache
             path_i, start, end = ckpt.base_range(i) if base else ckpt.layer_range(i)
             tier = plan.tiers[i]
             if tier == "disk":
                 src = LayerSource(i, tier, reader=ckpt.open_reader(i, direct=direct_io), start=start, end=end, base=base)
             else:
                 data = _read_resident(ckpt, i, dev if tier == "compressed" else torch.device("cpu"),
-                                      pin=dev.type == "cuda" and tier == "host")
+                                      pin=dev.type == "cuda" and tier == "host", base=base)
                 src = LayerSource(i, tier, data=data, start=start, end=end, base=base)
             sources.append(src)
             plen = len(f"{ckpt.layers_prefix}.{i}.")
-            for name in ckpt.base_params(i):
+            for name in ckpt.base_params(i) if base else ckpt.layer_tensors(i):
                 e = ckpt.tensors[name]
                 numel = 1
                 for s in e.shape:
@@ -462,7 +470,7 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
         pipeline = Pipeline(ckpt, sources, dev, nslots=plan.nslots, nreadbufs=plan.nreadbufs, readbuf_bytes=plan.readbuf_bytes,
                             slot_shapes=slot_shapes, verify=verify, decompress_threads=decompress_threads)
     if experts is not None:
-        experts.install(_expert_cache(ckpt, plan, dev, storage, direct_io))
+        experts.install(_expert_cache(ckpt, plan, dev, storage, direct_io, per_expert))
     model.eval()
     engine = StreamingEngine(ckpt, model, plan, dev, pipeline, layers, rss_before, experts=experts,
                              pinned=experts.pinned if experts else frozenset())
@@ -505,14 +513,15 @@ def _on_demand_embedding(model: nn.Module, info, ckpt: Checkpoint) -> str | None
     return name
 
 
-def _expert_cache(ckpt: Checkpoint, plan: Plan, dev: torch.device, storage: str, direct_io: bool) -> ExpertCache:
+def _expert_cache(ckpt: Checkpoint, plan: Plan, dev: torch.device, storage: str, direct_io: bool,
+                  plan_layers: frozenset[int]) -> ExpertCache:
     """The pool of expert slots the plan sized, filled before the first token (as many experts as fit)."""
     from tqdm import tqdm
 
     from ..io import aligned_empty
 
     host = None
-    keys = expert_keys(ckpt)
+    keys = expert_keys(ckpt, sorted(plan_layers))
     if storage == "host":  # every expert in host memory, verified once (pinned for copies to CUDA)
         buf = aligned_empty(plan.expert_slot_bytes)
         host = {}
@@ -531,12 +540,12 @@ def _expert_cache(ckpt: Checkpoint, plan: Plan, dev: torch.device, storage: str,
     return cache
 
 
-def _read_resident(ckpt: Checkpoint, i: int, device: torch.device, pin: bool) -> torch.Tensor:
+def _read_resident(ckpt: Checkpoint, i: int, device: torch.device, pin: bool, base: bool = False) -> torch.Tensor:
     """Layer i's bytes (its base for a layer with experts), verified, held in memory (device for the
     compressed tier, host for the host tier)."""
     from ..io import aligned_empty, buffer_size_for
 
-    if ckpt.num_experts(i):
+    if base:
         path, start, end = ckpt.base_range(i)
         buf = aligned_empty(buffer_size_for(start, end))
         with ckpt.open_reader(i, direct=True) as r:

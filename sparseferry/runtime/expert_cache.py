@@ -52,19 +52,19 @@ class ExpertStats:
         return ExpertStats(**vars(self))
 
 
-def expert_slot_bytes(ckpt: Checkpoint) -> int:
-    """Bytes of one pool slot: the largest aligned read of one expert of any layer."""
+def expert_slot_bytes(ckpt: Checkpoint, layers=None) -> int:
+    """Bytes of one pool slot: the largest aligned read of one expert of `layers` (default: every layer)."""
     best = 0
-    for i in range(ckpt.num_layers):
+    for i in range(ckpt.num_layers) if layers is None else layers:
         for e in range(ckpt.num_experts(i)):
             _, a, z = ckpt.expert_range(i, e)
             best = max(best, buffer_size_for(a, z))
     return best
 
 
-def expert_keys(ckpt: Checkpoint) -> list[Key]:
-    """Every (layer, expert), expert-major so that a partial preload spreads over the layers."""
-    moe = [i for i in range(ckpt.num_layers) if ckpt.num_experts(i)]
+def expert_keys(ckpt: Checkpoint, layers=None) -> list[Key]:
+    """Every (layer, expert) of `layers`, expert-major so that a partial preload spreads over the layers."""
+    moe = [i for i in (range(ckpt.num_layers) if layers is None else layers) if ckpt.num_experts(i)]
     most = max((ckpt.num_experts(i) for i in moe), default=0)
     return [(i, e) for e in range(most) for i in moe if e < ckpt.num_experts(i)]
 

@@ -37,8 +37,10 @@ def is_experts_module(mod: nn.Module) -> bool:
         and hasattr(type(mod), "_apply_gate")
 
 
-def find_experts(ckpt: Checkpoint, layer: nn.Module, i: int) -> dict[str, dict[str, str]]:
-    """{experts module path inside the layer: {parameter leaf: checkpoint name}} for layer i."""
+def find_experts(ckpt: Checkpoint, layer: nn.Module, i: int) -> dict[str, dict[str, str]] | None:
+    """{experts module path inside the layer: {parameter leaf: checkpoint name}} for layer i; None if
+    an expert parameter belongs to a module that is not a fused-experts module (Llama-4's computes
+    every expert on pre-sorted tokens): such a layer streams whole (runtime/whole_experts.py)."""
     plen = len(f"{ckpt.layers_prefix}.{i}.")
     groups: dict[str, dict[str, str]] = {}
     for name in ckpt.expert_params(i):
@@ -50,9 +52,8 @@ def find_experts(ckpt: Checkpoint, layer: nn.Module, i: int) -> dict[str, dict[s
         except AttributeError:
             raise CheckpointError(f"{ckpt.path}: {next(iter(params.values()))} is stored per expert, but the model "
                                   f"built from the config has no module {path!r} in layer {i}") from None
-        if not is_experts_module(mod):
-            raise CheckpointError(f"{ckpt.path}: {next(iter(params.values()))} is stored per expert, but "
-                                  f"{type(mod).__name__} is not a transformers fused-experts module")
+        if not is_experts_module(mod):  # its forward needs every expert: the layer streams whole
+            return None
         if getattr(mod, "num_experts", None) != ckpt.num_experts(i):
             raise CheckpointError(f"{ckpt.path}: layer {i} stores {ckpt.num_experts(i)} experts, "
                                   f"{type(mod).__name__} expects {mod.num_experts}")
@@ -192,14 +193,16 @@ class ExpertsRuntime:
     """
 
     def __init__(self, ckpt: Checkpoint, layers: nn.ModuleList, moe_layers: list[int]):
-        self.ckpt, self.moe_layers = ckpt, moe_layers
+        self.ckpt = ckpt
         self.cache: ExpertCache | None = None
         self.scratch: torch.Tensor | None = None
         self.modules: list[tuple[int, nn.Module, dict[str, str]]] = []
         self.router_params: dict[int, list[str]] = {}  # checkpoint names kept resident for prediction
         self.routers: dict[int, nn.Module] = {}
-        for i in moe_layers:
-            for path, params in find_experts(ckpt, layers[i], i).items():
+        found_per_layer = {i: find_experts(ckpt, layers[i], i) for i in moe_layers}
+        self.moe_layers = [i for i in moe_layers if found_per_layer[i] is not None]  # read expert by expert
+        for i in self.moe_layers:
+            for path, params in found_per_layer[i].items():
                 mod = layers[i].get_submodule(path)
                 self.modules.append((i, mod, params))
                 block_path = path.rpartition(".")[0]
@@ -214,6 +217,10 @@ class ExpertsRuntime:
                     if all(n in ckpt.tensors for n in names):
                         self.router_params[i] = names
                         self.routers[i] = router
+
+    @property
+    def per_expert(self) -> frozenset[int]:
+        return frozenset(self.moe_layers)
 
     @property
     def pinned(self) -> frozenset[str]:

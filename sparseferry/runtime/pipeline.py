@@ -24,6 +24,7 @@ pipeline drains and restarts at the requested layer: it can never hand out a slo
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import torch
 from ..format import BitmapTensor
 from ..io import FileReader, aligned_empty
 from ..store import Checkpoint
+from .whole_experts import whole_experts
 
 
 @dataclass
@@ -283,7 +285,11 @@ class Pipeline:
         plen = len(self.prefix[i])
         for name, stored in views.items():
             rel = name[plen:]
-            if isinstance(stored, BitmapTensor):
+            if isinstance(stored, list):  # an expert parameter of a layer streamed whole: one [E, ...] slot
+                shape = (len(stored), *stored[0].shape)
+                out = slot[rel][: math.prod(shape)].view(shape)
+                whole_experts(stored, out=out, decompress=self.decompress, threads=self.decompress_threads)
+            elif isinstance(stored, BitmapTensor):
                 out = slot[rel][: stored.shape[0] * stored.shape[1]].view(stored.shape)
                 self.decompress(stored, out=out, threads=self.decompress_threads)
             else:

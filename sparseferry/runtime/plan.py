@@ -88,17 +88,14 @@ class Plan:
                 f"device weights {format_bytes(self.device_bytes)} (minimum {format_bytes(self.minimum_bytes)}){split}")
 
 
-def has_experts(ckpt: Checkpoint) -> bool:
-    return any(ckpt.num_experts(i) for i in range(ckpt.num_layers))
-
-
-def layer_sizes(ckpt: Checkpoint) -> tuple[list[int], list[int], list[int]]:
+def layer_sizes(ckpt: Checkpoint, per_expert: frozenset[int] = frozenset()) -> tuple[list[int], list[int], list[int]]:
     """Per layer: dense bytes, stored bytes, read-buffer bytes (aligned range covering the layer).
 
-    For a layer with experts: of its base (the experts are planned as a pool, see module docstring)."""
+    For a layer in `per_expert` (its experts are read one by one): of its base (the experts are
+    planned as a pool, see module docstring)."""
     dense, stored, readbuf = [], [], []
     for i in range(ckpt.num_layers):
-        moe = ckpt.num_experts(i) > 0
+        moe = i in per_expert
         dense.append(ckpt.dense_bytes(ckpt.base_params(i) if moe else ckpt.layer_tensors(i)))
         _, start, end = ckpt.base_range(i) if moe else ckpt.layer_range(i)
         stored.append(end - start)
@@ -108,7 +105,7 @@ def layer_sizes(ckpt: Checkpoint) -> tuple[list[int], list[int], list[int]]:
 
 def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslots: int = 2, nreadbufs: int = 2,
               slots: bool = False, exclude: frozenset[str] = frozenset(), prefer_dense: bool = True,
-              pinned: frozenset[str] = frozenset()) -> Plan:
+              pinned: frozenset[str] = frozenset(), per_expert: frozenset[int] = frozenset()) -> Plan:
     """Fill the budget (bytes) as described in the module docstring; BudgetError if it cannot work.
 
     With `slots` (CUDA) a streamed layer is decompressed whole into one of `nslots` dense slots (on
@@ -125,13 +122,15 @@ def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslot
     resident layer is not read at all.
 
     `pinned`: layer tensors also held on their own, outside their layer (the routers of MoE layers).
+    `per_expert`: MoE layers whose experts are read one by one (runtime/experts.py); the other
+    layers, MoE or not, stream whole.
     """
     if storage not in ("disk", "host"):
         raise BudgetError(f"storage must be 'disk' or 'host', got {storage!r}")
     cpu = not slots
     cands = ((0, 1), (0, 2), (0, nreadbufs)) if cpu else ((1, 1), (2, 1), (2, 2), (nslots, nreadbufs))
     depths = sorted({(min(k, nslots) if not cpu else 0, max(min(r, nreadbufs), 1)) for k, r in cands})
-    kw = dict(cpu=cpu, exclude=exclude, prefer_dense=prefer_dense, pinned=pinned)
+    kw = dict(cpu=cpu, exclude=exclude, prefer_dense=prefer_dense, pinned=pinned, per_expert=per_expert)
     base = _plan(ckpt, budget, storage, *depths[0], **kw)  # raises BudgetError stating the true minimum
     best = base
     resident = lambda p: sum(t in RESIDENT for t in p.tiers)  # noqa: E731
@@ -153,16 +152,16 @@ def scratch_bytes(ckpt: Checkpoint) -> int:
 
 
 def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nreadbufs: int, cpu: bool,
-          exclude: frozenset[str], prefer_dense: bool, pinned: frozenset[str]) -> Plan:
+          exclude: frozenset[str], prefer_dense: bool, pinned: frozenset[str], per_expert: frozenset[int]) -> Plan:
     n = ckpt.num_layers
-    dense, stored, readbuf = layer_sizes(ckpt)
+    dense, stored, readbuf = layer_sizes(ckpt, per_expert)
     fixed = ckpt.dense_bytes([t for t in ckpt.non_layer_tensors() if t not in exclude])
-    moe = has_experts(ckpt)
+    moe = bool(per_expert)
     if moe:
         from .expert_cache import expert_slot_bytes
 
-        total_experts = sum(ckpt.num_experts(i) for i in range(n))
-        eslot = expert_slot_bytes(ckpt)
+        total_experts = sum(ckpt.num_experts(i) for i in per_expert)
+        eslot = expert_slot_bytes(ckpt, sorted(per_expert))
         # on a CPU, host storage uses the experts where they lie in host memory: no slots
         min_eslots = 0 if (storage == "host" and cpu) else min(MIN_EXPERT_SLOTS, total_experts)
         pin = ckpt.dense_bytes(sorted(pinned))
