@@ -84,13 +84,12 @@ def _linear(x: torch.Tensor, w, bias, transposed: bool, scratch: torch.Tensor | 
     from ..kernels import MATVEC_MAX_BATCH, decompress, kernel_path, sparse_matmul
 
     if isinstance(w, BitmapTensor):
-        if not transposed and (x.shape[0] <= MATVEC_MAX_BATCH and kernel_path(x.device) not in ("torch",)
-                               or scratch is None):
+        fused = x.shape[0] <= MATVEC_MAX_BATCH and kernel_path(x.device) != "torch"
+        if not transposed and (fused or scratch is None):  # the fused kernel, or decompress + linear (CUDA)
             return sparse_matmul(x, w, bias)
         rows, cols = w.shape
-        out = None
-        if scratch is not None and scratch.numel() >= rows * cols * w.dtype.itemsize:
-            out = scratch[: rows * cols * w.dtype.itemsize].view(w.dtype).view(rows, cols)
+        nbytes = rows * cols * w.dtype.itemsize  # otherwise: one matrix decompressed into the scratch buffer
+        out = scratch[:nbytes].view(w.dtype).view(rows, cols) if scratch is not None and scratch.numel() >= nbytes else None
         w = decompress(w, out=out)
     dt = torch.promote_types(x.dtype, w.dtype)
     y = x.to(dt) @ w.to(dt) if transposed else F.linear(x.to(dt), w.to(dt))
