@@ -88,6 +88,8 @@ def _cmd_generate(a) -> int:
         print(f"prefill {summary['prefill_s']:.2f} s | decode {tps or 0:.2f} tok/s | read {format_bytes(bpt or 0)}/token | "
               f"I/O wait {summary['io_wait_s']:.2f} s, decompress {summary['decompress_s']:.2f} s, "
               f"compute {summary['compute_s']:.2f} s | peak RSS {format_bytes(summary['peak_rss_bytes'])}", file=sys.stderr)
+        if summary.get("experts"):
+            print(experts_line(summary["experts"]), file=sys.stderr)
     return 0
 
 
@@ -150,6 +152,19 @@ def _cmd_demo(a) -> int:
     return 0
 
 
+def experts_line(ex: dict) -> str:
+    """The generate line for mixture-of-experts models: per decode token, what routing chose and what was read."""
+    from .runtime.budget import format_bytes
+
+    pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    size = lambda v: "-" if v is None else format_bytes(v)  # noqa: E731
+    return (f"experts: {ex['chosen_per_token'] or 0:.0f} chosen/token, cache {ex['cache_slots']} of "
+            f"{ex['experts_total']} experts, hit rate {pct(ex['hit_rate'])} | read ahead: "
+            f"{ex['predicted_reads']} predicted, {ex['missed_reads']} missed, {ex['wasted_reads']} wasted | "
+            f"experts read {size(ex['expert_bytes_read_per_token'])}/token, routing needs "
+            f"{size(ex['needed_bytes_per_token'])}/token without a cache")
+
+
 def _cmd_synth(a) -> int:
     from .synth import synth
 
@@ -179,7 +194,10 @@ def _cmd_bench(a) -> int:
                   f"({p['decode_s_per_token'] * 1e3:.0f} ms/token)")
         print(f"wrote {a.out}/sweep.json" + (" and sweep.png" if (Path(a.out) / "sweep.png").exists() else ""))
         return 0
-    res = bench(a.model_dir, budget=a.budget, sparsity=a.sparsity, dense_dir=a.dense_dir, **common)
+    from .bench import SYSTEMS, select_systems
+
+    systems = select_systems(a.systems) if a.systems else SYSTEMS
+    res = bench(a.model_dir, budget=a.budget, sparsity=a.sparsity, dense_dir=a.dense_dir, systems=systems, **common)
     print(json.dumps(res, indent=1) if a.json else render_table(res))
     print(f"wrote {a.out}/results.json, results.md" + (", results.png" if (Path(a.out) / "results.png").exists() else ""),
           file=sys.stderr)
@@ -365,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-sparsity", default=None, metavar="S1,S2,...", help="sweep synthetic sparsities, e.g. 0.5,0.6,0.7")
     p.add_argument("--sweep-budget", default=None, metavar="B1,B2,...", help="sweep budgets, e.g. 20%%,30%%,50%%")
     p.add_argument("--json", action="store_true", help="print results.json instead of the table")
+    p.add_argument("--systems", default=None, metavar="S1,S2,...",
+                   help="run only these systems (default all: accelerate, sparseferry-dense, sparseferry-bitmap, "
+                        "sparseferry-bitmap-int8, sparseferry-bitmap-int4)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_cmd_bench)
 

@@ -175,3 +175,26 @@ def test_systems_list_is_one_line_per_system():
     names = [s.name for s in SYSTEMS]
     assert names[0] == "accelerate" and SYSTEMS[0].baseline and sum(s.baseline for s in SYSTEMS) == 1
     assert {"sparseferry-dense", "sparseferry-bitmap"} <= set(names) and len(set(names)) == len(names)
+
+
+def test_moe_rows_say_what_routing_needed_against_what_was_read():
+    res = _results()
+    bitmap = next(s for s in res["systems"] if s["name"] == "sparseferry-bitmap")
+    bitmap["plan"] = "plan"
+    bitmap["runtime_split"] = {"io_wait_s": 1.0, "decompress_s": 0.0, "compute_s": 1.0,
+                               "experts_needed_bytes_per_token": 5 * 10**8, "experts_routed_expert_bytes_per_token": 4.5e8,
+                               "experts_chosen_per_token": 42, "experts_experts_total": 168, "experts_cache_slots": 80,
+                               "experts_hit_rate": 0.5, "experts_predicted_reads": 30, "experts_missed_reads": 300,
+                               "experts_wasted_reads": 12}
+    line = render_table(res).splitlines()[-1]
+    assert line.startswith("sparseferry-bitmap experts: 42 chosen per token of 168, cache 80 slots, hit rate 50%")
+    assert "30 predicted, 300 missed, 12 wasted" in line and "needs 500.0 MB/token" in line
+    assert "read 400.0 MB/token = 0.80x of that" in line  # 4e8 bytes read per token (the kernel's count)
+
+
+def test_systems_are_chosen_by_name_in_run_order():
+    from sparseferry.bench import BenchError, select_systems
+
+    assert [s.name for s in select_systems("sparseferry-bitmap-int8,accelerate")] == ["accelerate", "sparseferry-bitmap-int8"]
+    with pytest.raises(BenchError, match="unknown system nope"):
+        select_systems(["accelerate", "nope"])

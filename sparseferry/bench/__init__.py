@@ -7,6 +7,6 @@
     ceilings              disk read and memory bandwidth, the per-token lower bound
     report                results.json, the Markdown table, the plots
 """
-from .harness import SYSTEMS, BenchError, System, bench, sweep
+from .harness import SYSTEMS, BenchError, System, bench, select_systems, sweep
 
-__all__ = ["SYSTEMS", "BenchError", "System", "bench", "sweep"]
+__all__ = ["SYSTEMS", "BenchError", "System", "bench", "select_systems", "sweep"]

@@ -80,17 +80,19 @@ def prompt_ids(model_dir, *, batch: int, length: int) -> tuple[list[list[int]], 
 
 
 def synth_pair(workdir, *, arch: str, params, sparsity: float, seed: int, vocab: int | None = None,
-               progress: bool = True) -> tuple[Path, Path]:
-    """The synthetic (pruned, unpruned) folders under `workdir`, made once and reused."""
+               progress: bool = True, dense: bool = True) -> tuple[Path, Path | None]:
+    """The synthetic (pruned, unpruned) folders under `workdir`, made once and reused (unpruned: if `dense`)."""
     from ..synth import synth
 
     workdir = Path(workdir)
     tag = f"{arch}-{params}" + (f"-v{vocab}" if vocab else "")
     pruned = workdir / f"{tag}-sparsity{sparsity:g}-seed{seed}"
-    dense = workdir / f"{tag}-sparsity0-seed{seed}"
     synth(pruned, arch=arch, params=params, sparsity=sparsity, seed=seed, vocab=vocab, progress=progress)
-    synth(dense, arch=arch, params=params, sparsity=0.0, seed=seed, vocab=vocab, progress=progress)
-    return pruned, dense
+    if not dense:
+        return pruned, None
+    twin = workdir / f"{tag}-sparsity0-seed{seed}"
+    synth(twin, arch=arch, params=params, sparsity=0.0, seed=seed, vocab=vocab, progress=progress)
+    return pruned, twin
 
 
 def converted(src: Path, workdir: Path, options: dict, progress: bool) -> Path:
@@ -199,7 +201,8 @@ def bench(model_dir=None, *, out, budget="30%", storage: str = "disk", arch: str
     synthetic = model_dir is None
     if synthetic:
         model_dir, dense_dir = synth_pair(workdir / "models", arch=arch, params=params, sparsity=sparsity, seed=seed,
-                                          vocab=vocab, progress=progress)
+                                          vocab=vocab, progress=progress,
+                                          dense=any(s.weights == "unpruned" for s in systems))
     model_dir = Path(model_dir)
     sources = {"pruned": model_dir, "unpruned": Path(dense_dir) if dense_dir else None}
     chosen = [s for s in systems if sources[s.weights] is not None]
@@ -246,6 +249,16 @@ def bench(model_dir=None, *, out, budget="30%", storage: str = "disk", arch: str
     return results
 
 
+def select_systems(names) -> tuple[System, ...]:
+    """The systems named in `names` (a list, or "a,b,c"), in run order; BenchError for an unknown name."""
+    names = _parse_list(names) if isinstance(names, str) else list(names)
+    known = {s.name for s in SYSTEMS}
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise BenchError(f"unknown system {', '.join(bad)} (choose from {', '.join(known)})")
+    return tuple(s for s in SYSTEMS if s.name in names)
+
+
 def _parse_list(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
@@ -286,4 +299,5 @@ def sweep(*, out, sparsities, budgets, storage: str = "disk", arch: str = "llama
     return doc
 
 
-__all__ = ["SYSTEMS", "System", "BenchError", "bench", "check_feasible", "sweep", "synth_pair", "weight_bytes", "prompt_ids"]
+__all__ = ["SYSTEMS", "System", "BenchError", "bench", "check_feasible", "sweep", "synth_pair", "weight_bytes", "prompt_ids",
+           "select_systems"]

@@ -102,10 +102,28 @@ def render_table(results: dict) -> str:
         if sp:
             lines.append(f"\n{x['name']}: I/O wait {sp.get('io_wait_s', 0):.2f} s, decompress {sp.get('decompress_s', 0):.2f} s, "
                          f"compute {sp.get('compute_s', 0):.2f} s per repetition; {x['plan']}")
+            if sp.get("experts_needed_bytes_per_token"):
+                lines.append(experts_line(x))
         elif x.get("device_map_counts"):
             lines.append(f"\n{x['name']}: device map {x['device_map_counts']} modules; weights in RAM "
                          f"{x['weights_ram_bytes'] / 1e9:.3f} GB, offloaded {x['weights_disk_bytes'] / 1e9:.3f} GB")
     return "\n".join(lines) + "\n"
+
+
+def experts_line(x: dict) -> str:
+    """MoE: what routing needed per decode token against what was read, and how the expert cache did."""
+    sp = x["runtime_split"]
+    need = sp["experts_needed_bytes_per_token"]
+    read = x.get("bytes_read_per_token")
+    ratio = f"{read / need:.2f}x" if read is not None and need else "-"
+    hit = sp.get("experts_hit_rate")
+    return (f"{x['name']} experts: {_f(sp.get('experts_chosen_per_token'), '.0f')} chosen per token of "
+            f"{sp.get('experts_experts_total')}, cache {sp.get('experts_cache_slots')} slots, hit rate "
+            f"{_f(hit, '.0%')}; read-ahead {_f(sp.get('experts_predicted_reads'), '.0f')} predicted, "
+            f"{_f(sp.get('experts_missed_reads'), '.0f')} missed, {_f(sp.get('experts_wasted_reads'), '.0f')} wasted reads "
+            f"per repetition; routing needs {need / 1e6:.1f} MB/token (chosen experts "
+            f"{_f(sp.get('experts_routed_expert_bytes_per_token'), '.1f', 1e-6)} MB + streamed bases), read "
+            f"{_f(read, '.1f', 1e-6)} MB/token = {ratio} of that")
 
 
 def plot_results(results: dict, path) -> None:

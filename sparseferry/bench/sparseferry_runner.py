@@ -34,7 +34,10 @@ def run(spec: dict) -> dict:
             engine.reset_stats()
             return None
         s = engine.summary()
-        return {k: s.get(k) for k in _SPLIT}
+        out = {k: s.get(k) for k in _SPLIT}
+        for k, v in (s.get("experts") or {}).items():  # MoE: hit rate, predicted/missed reads, bytes vs routing
+            out[f"experts_{k}"] = v
+        return out
 
     try:
         res = measure(model, spec, drop_paths=[spec["checkpoint"]], drop_each_pass=False, stats=stats)

@@ -27,6 +27,8 @@ from ..store import Checkpoint, CheckpointError, open_checkpoint
 from .budget import format_bytes, parse_budget
 from .embedding import RowReader, embed_on_demand
 from .hf_compat import check_local_path, from_pretrained_options
+from .expert_cache import ExpertCache, expert_keys
+from .experts import ExpertsRuntime
 from .pipeline import LayerSource, Pipeline
 from .plan import Plan, make_plan
 from .whole_experts import whole_experts
@@ -100,6 +102,7 @@ class PassRecord:
     bytes_read: int
     wait_s: float
     decompress_s: float
+    experts: dict | None = None  # MoE: this pass's expert counters (ExpertStats fields)
 
 
 _LIVE: "weakref.WeakSet[StreamingEngine]" = weakref.WeakSet()
@@ -117,9 +120,11 @@ class StreamingEngine:
     """Owns the plan, the pipeline and the hooks of one loaded model; `model.sparseferry` points here."""
 
     def __init__(self, ckpt: Checkpoint, model: nn.Module, plan: Plan, device: torch.device, pipeline: Pipeline | None,
-                 layers: nn.ModuleList, rss_before: int):
+                 layers: nn.ModuleList, rss_before: int, experts=None, pinned: frozenset[str] = frozenset()):
         self.ckpt, self.model, self.plan, self.device = ckpt, model, plan, device
         self.pipeline = pipeline
+        self.experts = experts  # runtime/experts.py ExpertsRuntime, for MoE layers
+        self.pinned = pinned  # layer tensors held on their own (routers): never replaced by streamed views
         self.layers = layers
         self.rss_before = rss_before
         self.passes: list[PassRecord] = []
@@ -130,6 +135,8 @@ class StreamingEngine:
         self.scratch = None
         if self.pipeline is not None and self.pipeline.mode == "views":
             self._patch_bitmap_modules()
+        if self.experts is not None:
+            self.experts.scratch = self.scratch
         self._install_hooks()
 
     def _patch_bitmap_modules(self) -> None:
@@ -139,8 +146,9 @@ class StreamingEngine:
         self.scratch = aligned_empty(self.plan.scratch_bytes) if self.plan.scratch_bytes else None
         for i in self.plan.streamed:
             plen = len(f"{self.ckpt.layers_prefix}.{i}.")
-            for name in self.ckpt.layer_tensors(i):
-                if self.ckpt.tensors[name].encoding in ("dense", "experts"):  # experts: whole_experts.py
+            base = self.experts is not None and i in self.experts.per_expert  # experts: runtime/experts.py
+            for name in self.ckpt.base_params(i) if base else self.ckpt.layer_tensors(i):
+                if self.ckpt.tensors[name].encoding in ("dense", "experts"):  # whole experts: whole_experts.py
                     continue
                 mod_name, _, leaf = name[plen:].rpartition(".")
                 mod = self.layers[i].get_submodule(mod_name)
@@ -165,12 +173,16 @@ class StreamingEngine:
     def _make_pre(self, i: int):
         layer = self.layers[i]
         prefix = f"{self.ckpt.layers_prefix}.{i}."
+        plen = len(f"{self.ckpt.layers_prefix}.{i}.")
+        pinned = {n[plen:] for n in self.pinned if self.ckpt.tensors[n].layer == i}
 
         def pre(module, args):
             for rel, t in self.pipeline.acquire(i).items():  # wait(n)
+                if rel in pinned:
+                    continue
                 if isinstance(t, BitmapTensor):  # views mode: the module computes from the bitmap
                     layer.get_submodule(rel.rpartition(".")[0])._sf_bitmap = t
-                elif isinstance(t, list):  # views mode, an expert parameter: every expert decoded
+                elif isinstance(t, list):  # views mode, a layer streamed whole: every expert decoded
                     _set_param(layer, rel, whole_experts(t, self.ckpt.tensors[f"{prefix}{rel}"].shape))
                 else:
                     _set_param(layer, rel, t)
@@ -191,25 +203,43 @@ class StreamingEngine:
             ids = kwargs.get("inputs_embeds")
         shape = tuple(ids.shape[:2]) if ids is not None else (1, 1)
         ps = self.pipeline.stats if self.pipeline else None
-        self._pass_t0 = (time.perf_counter(), shape, ps.bytes_read if ps else 0, ps.wait_s if ps else 0.0,
-                         ps.decompress_s if ps else 0.0)
+        self._pass_t0 = (time.perf_counter(), shape, self._bytes_read(), self._wait_s(),
+                         ps.decompress_s if ps else 0.0,
+                         self.experts.cache.stats.snapshot() if self.experts is not None else None)
 
     def _pass_end(self, module, args, kwargs, output):
         if self._pass_t0 is None:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        t0, shape, b0, w0, d0 = self._pass_t0
+        t0, shape, b0, w0, d0, e0 = self._pass_t0
         ps = self.pipeline.stats if self.pipeline else None
+        ex = None
+        if e0 is not None:
+            now = vars(self.experts.cache.stats)
+            ex = {k: now[k] - v for k, v in vars(e0).items()}
         self.passes.append(PassRecord(batch=shape[0], tokens=shape[1], seconds=time.perf_counter() - t0,
-                                      bytes_read=(ps.bytes_read - b0) if ps else 0, wait_s=(ps.wait_s - w0) if ps else 0.0,
-                                      decompress_s=(ps.decompress_s - d0) if ps else 0.0))
+                                      bytes_read=self._bytes_read() - b0, wait_s=self._wait_s() - w0,
+                                      decompress_s=(ps.decompress_s - d0) if ps else 0.0, experts=ex))
         self._pass_t0 = None
+
+    def _bytes_read(self) -> int:
+        """Bytes read from disk so far (streamed layers, and experts)."""
+        n = self.pipeline.stats.bytes_read if self.pipeline else 0
+        return n + (self.experts.cache.stats.bytes_read if self.experts is not None else 0)
+
+    def _wait_s(self) -> float:
+        w = self.pipeline.stats.wait_s if self.pipeline else 0.0
+        return w + (self.experts.cache.stats.wait_s if self.experts is not None else 0.0)
 
     # -- reporting
     def reset_stats(self) -> None:
         self.passes.clear()
         self.compute_s = 0.0
+        if self.experts is not None:
+            from .expert_cache import ExpertStats
+
+            self.experts.cache.stats = ExpertStats()
 
     def summary(self) -> dict:
         """Prefill / decode timings, bytes read per token, time split and memory, over the recorded passes."""
@@ -240,7 +270,34 @@ class StreamingEngine:
         }
         if self.device.type == "cuda":
             out["peak_device_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        if self.experts is not None:
+            out["experts"] = self._experts_summary(decode)
         return out
+
+    def _experts_summary(self, decode: list[PassRecord]) -> dict:
+        """Expert reads at decode time: hit rate, predicted vs missed reads, bytes against what routing needs."""
+        tot = {}
+        for p in decode:
+            for k, v in (p.experts or {}).items():
+                tot[k] = tot.get(k, 0) + v
+        n = len(decode)
+        uses = tot.get("uses", 0)
+        base = sum(p.bytes_read for p in decode) - tot.get("bytes_read", 0)  # streamed layer bases (and dense layers)
+        per = lambda k: tot.get(k, 0) / n if n else None  # noqa: E731
+        need = (tot.get("routed_bytes", 0) + base) / n if n else None
+        return {
+            "experts_total": self.plan.num_experts,
+            "cache_slots": self.plan.expert_slots,
+            "cache_bytes": self.plan.expert_slots * self.plan.expert_slot_bytes,
+            "chosen_per_token": per("uses"),
+            "hit_rate": tot.get("hits", 0) / uses if uses else None,
+            "predicted_reads": tot.get("predicted", 0),
+            "missed_reads": tot.get("missed", 0),
+            "wasted_reads": tot.get("wasted", 0),
+            "expert_bytes_read_per_token": per("bytes_read"),
+            "routed_expert_bytes_per_token": per("routed_bytes"),
+            "needed_bytes_per_token": need,  # the chosen experts plus the streamed bases, with no cache
+        }
 
     def close(self) -> None:
         rows = getattr(self.model.get_input_embeddings(), "_sf_rows", None)
@@ -251,6 +308,8 @@ class StreamingEngine:
         self._handles = []
         if self.pipeline is not None:
             self.pipeline.close()
+        if self.experts is not None:
+            self.experts.close()
 
 
 def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direct_io: bool = True,
@@ -318,6 +377,7 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
     missing = [n for n in info.param_names if n not in ckpt.tensors and n not in ckpt.tied and n not in info.tied]
     if missing:
         raise CheckpointError(f"{ckpt.path}: no weights for {', '.join(missing[:5])}")
+    _match_stored_dtypes(model, ckpt)
     budget = parse_budget(memory_budget, ckpt.stored_bytes())
     lazy_emb = _on_demand_embedding(model, info, ckpt) if (budget is not None if embeddings_on_demand is None
                                                              else embeddings_on_demand) else None
@@ -328,9 +388,17 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
         resident_form = "dense" if use_slots or not _fused_kernel_available() else "compressed"
     if resident_form not in ("dense", "compressed"):
         raise RuntimeLoadError(f"resident_form must be 'dense' or 'compressed', got {resident_form!r}")
-    plan = make_plan(ckpt, budget, storage=storage, nslots=nslots, nreadbufs=nreadbufs, slots=use_slots,
-                     exclude=frozenset([lazy_emb] if lazy_emb else []), prefer_dense=resident_form == "dense")
     layers = model.get_submodule(info.layers_prefix)
+    moe_layers = [i for i in range(ckpt.num_layers) if ckpt.num_experts(i)]
+    experts = ExpertsRuntime(ckpt, layers, moe_layers) if moe_layers else None
+    if experts is not None and not experts.moe_layers:
+        experts = None  # no fused-experts module: MoE layers stream whole
+    per_expert = experts.per_expert if experts else frozenset()
+    plan = make_plan(ckpt, budget, storage=storage, nslots=nslots, nreadbufs=nreadbufs, slots=use_slots,
+                     exclude=frozenset([lazy_emb] if lazy_emb else []), prefer_dense=resident_form == "dense",
+                     pinned=experts.pinned if experts else frozenset(), per_expert=per_expert)
+    if experts is not None and not plan.streamed:  # everything dense: transformers' own experts forward
+        experts = None
 
     # 1. non-layer weights and dense-resident layers: decoded once, on the device
     for name in ckpt.non_layer_tensors():
@@ -342,6 +410,8 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
         if tier == "dense":
             for name in ckpt.layer_tensors(i):
                 _set_param(model, name, ckpt.load(name, verify=verify).to(dev))
+    for name in experts.pinned if experts is not None else ():  # routers, resident for prediction
+        _set_param(model, name, ckpt.load(name, verify=verify).to(dev))
     for target, source in {**info.tied, **ckpt.tied}.items():
         if target in ckpt.tensors:
             continue
@@ -358,17 +428,18 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
     if plan.streamed:
         sources, slot_shapes = [], {}
         for i in plan.streamed:
-            path_i, start, end = ckpt.layer_range(i)
+            base = i in per_expert  # only the base streams here; experts: the ExpertCache
+            path_i, start, end = ckpt.base_range(i) if base else ckpt.layer_range(i)
             tier = plan.tiers[i]
             if tier == "disk":
-                src = LayerSource(i, tier, reader=ckpt.open_reader(i, direct=direct_io), start=start, end=end)
+                src = LayerSource(i, tier, reader=ckpt.open_reader(i, direct=direct_io), start=start, end=end, base=base)
             else:
                 data = _read_resident(ckpt, i, dev if tier == "compressed" else torch.device("cpu"),
-                                      pin=dev.type == "cuda" and tier == "host")
-                src = LayerSource(i, tier, data=data, start=start, end=end)
+                                      pin=dev.type == "cuda" and tier == "host", base=base)
+                src = LayerSource(i, tier, data=data, start=start, end=end, base=base)
             sources.append(src)
             plen = len(f"{ckpt.layers_prefix}.{i}.")
-            for name in ckpt.layer_tensors(i):
+            for name in ckpt.base_params(i) if base else ckpt.layer_tensors(i):
                 e = ckpt.tensors[name]
                 numel = 1
                 for s in e.shape:
@@ -378,10 +449,27 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
                 slot_shapes[rel] = (max(prev, numel), e.dtype)
         pipeline = Pipeline(ckpt, sources, dev, nslots=plan.nslots, nreadbufs=plan.nreadbufs, readbuf_bytes=plan.readbuf_bytes,
                             slot_shapes=slot_shapes, verify=verify, decompress_threads=decompress_threads)
+    if experts is not None:
+        experts.install(_expert_cache(ckpt, plan, dev, storage, direct_io, per_expert))
     model.eval()
-    engine = StreamingEngine(ckpt, model, plan, dev, pipeline, layers, rss_before)
+    engine = StreamingEngine(ckpt, model, plan, dev, pipeline, layers, rss_before, experts=experts,
+                             pinned=experts.pinned if experts else frozenset())
     model.sparseferry = engine
     return model
+
+
+def _match_stored_dtypes(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Give every parameter still on meta the dtype it is stored in.
+
+    A model built with one dtype can hold parameters that its checkpoint stores in another (an fp32
+    router in a bf16 model, or the reverse). A streamed parameter stays on meta between uses, and
+    model code that looks at `weight.dtype` to cast its input (HunYuan-MoE's router does) must see
+    the dtype the weights will really have when it computes, not the construction dtype.
+    """
+    for name, p in list(model.named_parameters()):
+        e = ckpt.tensors.get(name)
+        if e is not None and p.device.type == "meta" and p.dtype != e.dtype:
+            _set_param(model, name, torch.empty(p.shape, dtype=e.dtype, device="meta"))
 
 
 def _fused_kernel_available() -> bool:
@@ -405,15 +493,49 @@ def _on_demand_embedding(model: nn.Module, info, ckpt: Checkpoint) -> str | None
     return name
 
 
-def _read_resident(ckpt: Checkpoint, i: int, device: torch.device, pin: bool) -> torch.Tensor:
-    """Layer i's bytes, verified, held in memory (device for the compressed tier, host for the host tier)."""
+def _expert_cache(ckpt: Checkpoint, plan: Plan, dev: torch.device, storage: str, direct_io: bool,
+                  plan_layers: frozenset[int]) -> ExpertCache:
+    """The pool of expert slots the plan sized, filled before the first token (as many experts as fit)."""
+    from tqdm import tqdm
+
+    from ..io import aligned_empty
+
+    host = None
+    keys = expert_keys(ckpt, sorted(plan_layers))
+    if storage == "host":  # every expert in host memory, verified once (pinned for copies to CUDA)
+        buf = aligned_empty(plan.expert_slot_bytes)
+        host = {}
+        for i in sorted({i for i, _ in keys}):
+            with ckpt.open_reader(i, direct=True) as r:
+                host[i] = []
+                for e in range(ckpt.num_experts(i)):
+                    data = ckpt.read_expert(i, e, buf, reader=r)
+                    t = torch.empty(data.numel(), dtype=torch.uint8, pin_memory=dev.type == "cuda")
+                    host[i].append(t.copy_(data))
+    cache = ExpertCache(ckpt, dev, plan.expert_slots, plan.expert_slot_bytes, storage=storage, direct=direct_io,
+                        host=host)
+    n = min(cache.nslots, len(keys))
+    with tqdm(total=n, desc="experts", unit="expert", disable=n < 64, leave=False) as bar:
+        cache.preload(keys, progress=bar)
+    return cache
+
+
+def _read_resident(ckpt: Checkpoint, i: int, device: torch.device, pin: bool, base: bool = False) -> torch.Tensor:
+    """Layer i's bytes (its base for a layer with experts), verified, held in memory (device for the
+    compressed tier, host for the host tier)."""
     from ..io import aligned_empty, buffer_size_for
 
-    path, start, end = ckpt.layer_range(i)
-    buf = aligned_empty(buffer_size_for(start, end))
-    with ckpt.open_reader(i, direct=True) as r:
-        data = r.read_range(start, end, buf)
-    ckpt.layer_views(i, data, verify=True)  # raises on a checksum mismatch
+    if base:
+        path, start, end = ckpt.base_range(i)
+        buf = aligned_empty(buffer_size_for(start, end))
+        with ckpt.open_reader(i, direct=True) as r:
+            data = ckpt.read_base(i, buf, reader=r)  # raises on a checksum mismatch
+    else:
+        path, start, end = ckpt.layer_range(i)
+        buf = aligned_empty(buffer_size_for(start, end))
+        with ckpt.open_reader(i, direct=True) as r:
+            data = r.read_range(start, end, buf)
+        ckpt.layer_views(i, data, verify=True)  # raises on a checksum mismatch
     out = torch.empty(end - start, dtype=torch.uint8, device=device, pin_memory=pin and device.type == "cpu")
     out.copy_(data)
     return out

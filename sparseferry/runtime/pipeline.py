@@ -43,6 +43,7 @@ class LayerSource:
 
     index: int
     tier: str  # "compressed" | "host" | "disk"
+    base: bool = False  # a layer with experts: only its base range streams here (experts: ExpertCache)
     data: torch.Tensor | None = None  # resident bytes [data_start, data_end) (compressed / host tiers)
     reader: FileReader | None = None  # disk tier
     start: int = 0
@@ -212,6 +213,12 @@ class Pipeline:
         if src.tier != "disk":
             return {"data": src.data, "index": src.index}
         t0 = time.perf_counter()
+        if src.base:  # verified as it is read
+            data = self.ckpt.read_base(src.index, buf, reader=src.reader) if self.verify else \
+                src.reader.read_range(src.start, src.end, buf)
+            self.stats.read_s += time.perf_counter() - t0
+            self.stats.bytes_read += src.end - src.start
+            return {"data": data, "index": src.index}
         data = src.reader.read_range(src.start, src.end, buf)
         self.stats.read_s += time.perf_counter() - t0
         self.stats.bytes_read += src.end - src.start
@@ -232,7 +239,7 @@ class Pipeline:
                 item = self.pending.pop(n)
             try:
                 if views:
-                    v = self.ckpt.layer_views(item["index"], item["data"], verify=item.get("verify", False))
+                    v = self._views(item["index"], item["data"], verify=item.get("verify", False))
                     with self.cv:
                         self.views_ready[n] = v
                 else:
@@ -261,18 +268,24 @@ class Pipeline:
                     stage.copy_(data, non_blocking=True)
                     self.stats.bytes_copied += data.numel()
                     data = stage
-                self._fill(slot, i, self.ckpt.layer_views(i, data, verify=False))
+                self._fill(slot, i, self._views(i, data, verify=False))
             self.stream.synchronize()  # slot complete, read buffer free again
         else:
-            views = item.get("views") or self.ckpt.layer_views(i, data, verify=False)
+            views = item.get("views") or self._views(i, data, verify=False)
             self._fill(slot, i, views)
         self.stats.decompress_s += time.perf_counter() - t0
+
+    def _views(self, i: int, data: torch.Tensor, verify: bool) -> dict:
+        """{name: stored form} of what streams for layer i: the whole layer, or its base (MoE layers)."""
+        if self.sources[self.pos[i]].base:
+            return self.ckpt.base_views(i, data)  # verified when read (read_base) or loaded
+        return self.ckpt.layer_views(i, data, verify=verify)
 
     def _fill(self, slot: dict, i: int, views: dict) -> None:
         plen = len(self.prefix[i])
         for name, stored in views.items():
             rel = name[plen:]
-            if isinstance(stored, list):  # an expert parameter: its experts into one [E, ...] slot
+            if isinstance(stored, list):  # an expert parameter of a layer streamed whole: one [E, ...] slot
                 shape = (len(stored), *stored[0].shape)
                 out = slot[rel][: math.prod(shape)].view(shape)
                 whole_experts(stored, out=out, decompress=self.decompress, threads=self.decompress_threads)
@@ -316,7 +329,7 @@ class Pipeline:
     def _slot_views(self, k: int, i: int) -> dict[str, torch.Tensor]:
         plen = len(self.prefix[i])
         out = {}
-        for name in self.ckpt.layer_tensors(i):
+        for name in (self.ckpt.base_params(i) if self.sources[self.pos[i]].base else self.ckpt.layer_tensors(i)):
             e = self.ckpt.tensors[name]
             numel = 1
             for s in e.shape:

@@ -9,6 +9,12 @@ Tiers, fastest first:
 The planner puts the non-layer weights (embeddings, norms, lm_head) on the device first, reserves the
 streaming buffers (dense slots or a scratch matrix, and read buffers), then makes as many decoder layers resident as fit,
 compressed first (it lets more fit), then upgrades layers to dense with what is left.
+
+Mixture-of-experts layers are planned in two parts: the layer's base (attention, norms, router,
+shared experts), which every token uses, and its experts, of which a token uses a few. Bases are
+placed like whole layers above; the experts share one pool of expert slots (runtime/expert_cache.py):
+at least MIN_EXPERT_SLOTS (one computing, one being read), and every byte the resident bases leave
+over. A pool that holds every expert makes the model fully resident.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from ..store import Checkpoint
 from .budget import BudgetError, format_bytes
 
 RESIDENT = ("dense", "compressed")
+MIN_EXPERT_SLOTS = 2
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,10 @@ class Plan:
     scratch_bytes: int  # CPU: one dense matrix, for decompress + matmul at large batch
     minimum_bytes: int  # the smallest budget that works (everything streamed)
     notes: list[str] = field(default_factory=list)
+    expert_slots: int = 0  # experts held in memory at once (MoE layers; see module docstring)
+    expert_slot_bytes: int = 0
+    num_experts: int = 0  # experts of all layers together
+    pinned_bytes: int = 0  # small tensors held besides their streamed layer (the routers, for prediction)
 
     @property
     def streamed(self) -> list[int]:
@@ -49,7 +60,7 @@ class Plan:
     def device_bytes(self) -> int:
         """Everything the budget covers: resident weights plus streaming buffers."""
         total = (self.fixed_bytes + self.nslots * self.slot_bytes + self.nreadbufs * self.readbuf_bytes
-                 + self.scratch_bytes)
+                 + self.scratch_bytes + self.expert_slots * self.expert_slot_bytes + self.pinned_bytes)
         for t, d, s in zip(self.tiers, self.layer_dense_bytes, self.layer_stored_bytes):
             total += d if t == "dense" else s if t == "compressed" else 0
         return total
@@ -61,24 +72,40 @@ class Plan:
 
     def summary(self) -> str:
         b = "unlimited" if self.budget is None else format_bytes(self.budget)
-        return (f"budget {b}: {self.count('dense')} layers dense, {self.count('compressed')} compressed resident, "
+        what = "layers" if not self.num_experts else "layer bases"
+        split = ""
+        if self.num_experts:
+            layers = sum(s for t, s in zip(self.tiers, self.layer_stored_bytes) if t == "compressed") + \
+                sum(d for t, d in zip(self.tiers, self.layer_dense_bytes) if t == "dense")
+            split = (f"; split: {format_bytes(self.fixed_bytes + self.pinned_bytes)} embeddings/norms/head/routers, "
+                     f"{format_bytes(layers)} resident layer bases, "
+                     f"{format_bytes(self.expert_slots * self.expert_slot_bytes)} expert cache "
+                     f"({self.expert_slots} of {self.num_experts} experts), "
+                     f"{format_bytes(self.nslots * self.slot_bytes + self.nreadbufs * self.readbuf_bytes + self.scratch_bytes)} "
+                     f"streaming buffers")
+        return (f"budget {b}: {self.count('dense')} {what} dense, {self.count('compressed')} compressed resident, "
                 f"{self.count('host')} from host memory, {self.count('disk')} from disk; "
-                f"device weights {format_bytes(self.device_bytes)} (minimum {format_bytes(self.minimum_bytes)})")
+                f"device weights {format_bytes(self.device_bytes)} (minimum {format_bytes(self.minimum_bytes)}){split}")
 
 
-def layer_sizes(ckpt: Checkpoint) -> tuple[list[int], list[int], list[int]]:
-    """Per layer: dense bytes, stored bytes, read-buffer bytes (aligned range covering the layer)."""
+def layer_sizes(ckpt: Checkpoint, per_expert: frozenset[int] = frozenset()) -> tuple[list[int], list[int], list[int]]:
+    """Per layer: dense bytes, stored bytes, read-buffer bytes (aligned range covering the layer).
+
+    For a layer in `per_expert` (its experts are read one by one): of its base (the experts are
+    planned as a pool, see module docstring)."""
     dense, stored, readbuf = [], [], []
     for i in range(ckpt.num_layers):
-        dense.append(ckpt.dense_bytes(ckpt.layer_tensors(i)))
-        _, start, end = ckpt.layer_range(i)
+        moe = i in per_expert
+        dense.append(ckpt.dense_bytes(ckpt.base_params(i) if moe else ckpt.layer_tensors(i)))
+        _, start, end = ckpt.base_range(i) if moe else ckpt.layer_range(i)
         stored.append(end - start)
         readbuf.append(buffer_size_for(start, end))
     return dense, stored, readbuf
 
 
 def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslots: int = 2, nreadbufs: int = 2,
-              slots: bool = False, exclude: frozenset[str] = frozenset(), prefer_dense: bool = True) -> Plan:
+              slots: bool = False, exclude: frozenset[str] = frozenset(), prefer_dense: bool = True,
+              pinned: frozenset[str] = frozenset(), per_expert: frozenset[int] = frozenset()) -> Plan:
     """Fill the budget (bytes) as described in the module docstring; BudgetError if it cannot work.
 
     With `slots` (CUDA) a streamed layer is decompressed whole into one of `nslots` dense slots (on
@@ -93,13 +120,17 @@ def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslot
     Residency comes first: the pipeline is as deep as `nslots` / `nreadbufs` allow without making
     fewer layers resident than the shallowest pipeline would. A deeper pipeline overlaps more; a
     resident layer is not read at all.
+
+    `pinned`: layer tensors also held on their own, outside their layer (the routers of MoE layers).
+    `per_expert`: MoE layers whose experts are read one by one (runtime/experts.py); the other
+    layers, MoE or not, stream whole.
     """
     if storage not in ("disk", "host"):
         raise BudgetError(f"storage must be 'disk' or 'host', got {storage!r}")
     cpu = not slots
     cands = ((0, 1), (0, 2), (0, nreadbufs)) if cpu else ((1, 1), (2, 1), (2, 2), (nslots, nreadbufs))
     depths = sorted({(min(k, nslots) if not cpu else 0, max(min(r, nreadbufs), 1)) for k, r in cands})
-    kw = dict(cpu=cpu, exclude=exclude, prefer_dense=prefer_dense)
+    kw = dict(cpu=cpu, exclude=exclude, prefer_dense=prefer_dense, pinned=pinned, per_expert=per_expert)
     base = _plan(ckpt, budget, storage, *depths[0], **kw)  # raises BudgetError stating the true minimum
     best = base
     resident = lambda p: sum(t in RESIDENT for t in p.tiers)  # noqa: E731
@@ -114,20 +145,41 @@ def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslot
 
 
 def scratch_bytes(ckpt: Checkpoint) -> int:
-    """Dense bytes of the largest bitmap-encoded matrix inside the decoder layers."""
-    return max((t.dense_bytes for t in ckpt.tensors.values() if t.layer is not None and t.encoding != "dense"), default=0)
+    """Dense bytes of the largest bitmap-encoded matrix inside the decoder layers (an expert's slice for experts)."""
+    entries = (sub for t in ckpt.tensors.values() if t.layer is not None
+               for sub in (t.experts if getattr(t, "experts", None) is not None else [t]))
+    return max((t.dense_bytes for t in entries if t.encoding != "dense"), default=0)
 
 
 def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nreadbufs: int, cpu: bool,
-          exclude: frozenset[str], prefer_dense: bool) -> Plan:
+          exclude: frozenset[str], prefer_dense: bool, pinned: frozenset[str], per_expert: frozenset[int]) -> Plan:
     n = ckpt.num_layers
-    dense, stored, readbuf = layer_sizes(ckpt)
+    dense, stored, readbuf = layer_sizes(ckpt, per_expert)
     fixed = ckpt.dense_bytes([t for t in ckpt.non_layer_tensors() if t not in exclude])
+    moe = bool(per_expert)
+    if moe:
+        from .expert_cache import expert_slot_bytes
+
+        total_experts = sum(ckpt.num_experts(i) for i in per_expert)
+        eslot = expert_slot_bytes(ckpt, sorted(per_expert))
+        # on a CPU, host storage uses the experts where they lie in host memory: no slots
+        min_eslots = 0 if (storage == "host" and cpu) else min(MIN_EXPERT_SLOTS, total_experts)
+        pin = ckpt.dense_bytes(sorted(pinned))
+        full_dense = fixed + sum(ckpt.dense_bytes(ckpt.layer_tensors(i)) for i in range(n))
+        if prefer_dense and (budget is None or budget >= full_dense):  # transformers' own dense model
+            return Plan(budget=budget, storage=storage, tiers=("dense",) * n, fixed_bytes=fixed,
+                        layer_dense_bytes=tuple(ckpt.dense_bytes(ckpt.layer_tensors(i)) for i in range(n)),
+                        layer_stored_bytes=tuple(stored), nslots=0, slot_bytes=0, nreadbufs=0, readbuf_bytes=0,
+                        scratch_bytes=0, minimum_bytes=full_dense)
+        prefer_dense = False  # bases stay compressed: the budget goes to the expert cache
+    else:
+        total_experts = eslot = min_eslots = pin = 0
+    reserve = pin + min_eslots * eslot  # extra expert slots come from what is left
     slot = max(dense, default=0)
     rbuf = max(readbuf, default=0)
     scratch = scratch_bytes(ckpt) if cpu else 0
     reads = storage == "disk"
-    stream_cost = nslots * slot + (nreadbufs * rbuf if reads else 0) + scratch
+    stream_cost = nslots * slot + (nreadbufs * rbuf if reads else 0) + scratch + reserve
     minimum = fixed + stream_cost
     common = dict(budget=budget, storage=storage, fixed_bytes=fixed, layer_dense_bytes=tuple(dense),
                   layer_stored_bytes=tuple(stored), minimum_bytes=minimum)
@@ -141,6 +193,10 @@ def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nread
             parts.append(f"{nreadbufs} x {format_bytes(rbuf)} read buffers")
         if scratch:
             parts.append(f"{format_bytes(scratch)} scratch for the largest matrix")
+        if min_eslots:
+            parts.append(f"{min_eslots} x {format_bytes(eslot)} expert slots")
+        if pin:
+            parts.append(f"{format_bytes(pin)} of routers")
         raise BudgetError(f"memory budget {format_bytes(budget)} is below the minimum {format_bytes(minimum)} "
                           f"for this model ({' + '.join(parts)})", minimum_bytes=minimum)
     tiers = ["disk" if reads else "host"] * n
@@ -157,6 +213,11 @@ def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nread
             tiers[i], avail = "dense", avail - (dense[i] - stored[i])
     streaming = any(t != "dense" for t in tiers)
     nslots_used = nslots if streaming else 0
+    eslots = min_eslots
+    if min_eslots:  # every byte left holds more experts (all of them without a budget)
+        extra = total_experts if budget is None else max(avail, 0) // eslot
+        eslots = min(total_experts, min_eslots + extra)
     return Plan(tiers=tuple(tiers), nslots=nslots_used, slot_bytes=slot if nslots_used else 0,
                 nreadbufs=nreadbufs_used if streaming else 0, readbuf_bytes=rbuf,
-                scratch_bytes=scratch if streaming else 0, **common)
+                scratch_bytes=scratch if (streaming or moe) else 0, expert_slots=eslots, expert_slot_bytes=eslot,
+                num_experts=total_experts, pinned_bytes=pin, **common)

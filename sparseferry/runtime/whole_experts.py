@@ -1,6 +1,7 @@
 """Whole-layer expert parameters: every expert of a layer decoded into its fused [E, ...] parameter.
 
-The simplest way to run a mixture-of-experts layer from a streamed layer: the checkpoint stores
+For a mixture-of-experts layer whose experts module is not a transformers fused-experts module
+(Llama-4: it computes every expert on pre-sorted tokens), so that it streams whole: the checkpoint stores
 each expert's slice on its own (docs/FORMAT.md, section 2b) and `Checkpoint.layer_views` hands an
 expert parameter over as a list of E stored forms; this puts them back, one after another, into
 the dense parameter transformers' experts module computes with. Every expert is decoded at every
