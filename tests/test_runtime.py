@@ -17,6 +17,7 @@ import torch
 from conftest import ARCHS, make_checkpoint
 
 import sparseferry
+from sparseferry.validate import seal
 from sparseferry.runtime import BudgetError, RuntimeLoadError, parse_budget
 from sparseferry.runtime.plan import make_plan
 from sparseferry.store import CheckpointError, open_checkpoint
@@ -210,7 +211,7 @@ def test_unknown_architecture_is_a_clear_error(tmp_path):
     folder, _ = make_checkpoint("llama", tmp_path, layers=2)
     m = json.loads((folder / "sparseferry.json").read_text())
     m["config"]["model_type"] = "no-such-model"
-    (folder / "sparseferry.json").write_text(json.dumps(m))
+    (folder / "sparseferry.json").write_text(json.dumps(seal(m)))
     with pytest.raises(sparseferry.SparseferryError, match="no-such-model"):
         sparseferry.load(folder)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..store import EXTRA_FILE, CheckpointError, CheckpointWriter, layer_file, prepare
+from ..store import EXTRA_FILE, CheckpointWriter, layer_file, prepare
 
 
 class SparseferrySink:
@@ -38,7 +38,7 @@ class SparseferrySink:
     def commit(self) -> Path:
         for f in self.source.files_to_copy():
             self.writer.copy_file(f)
-        (self.writer.tmp / "config.json").write_text(json.dumps(self.source.config_dict, indent=2))
+        self.writer.write_config("config.json", self.source.config_dict)
         return self.writer.commit()
 
     def __enter__(self):
@@ -56,9 +56,9 @@ class DenseSink:
 
     def __init__(self, dst, source, pruning: dict):
         self.source = source
-        self.dst = Path(dst)
-        if self.dst.exists():
-            raise CheckpointError(f"{self.dst}: already exists (choose a new output folder)")
+        from ..guard import prepare_output
+
+        self.dst = prepare_output(dst, force=False)  # also removes temporaries of dead runs
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.dst.parent / f".{self.dst.name}.partial-{os.getpid()}"
         if self.tmp.exists():
@@ -86,7 +86,9 @@ class DenseSink:
         (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for f in self.source.files_to_copy():
             shutil.copy2(f, self.tmp / f.name)
-        (self.tmp / "config.json").write_text(json.dumps(self.source.config_dict, indent=2))
+        from ..guard import encode_floats
+
+        (self.tmp / "config.json").write_text(json.dumps(encode_floats(self.source.config_dict), indent=2, allow_nan=False))
         (self.tmp / "pruning.json").write_text(json.dumps(self.pruning, indent=2))
         os.rename(self.tmp, self.dst)
         self._committed = True
