@@ -21,6 +21,7 @@ class RowReader:
     def __init__(self, ckpt: Checkpoint, name: str, verify: bool = True):
         e = ckpt.tensors[name]
         part = e.parts["dense"]
+        self.name = name
         self.path = ckpt.path / e.file
         self.offset, self.nbytes = part["offset"], part["nbytes"]
         self.rows, self.cols = e.shape

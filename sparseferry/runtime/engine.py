@@ -26,6 +26,7 @@ from ..hf import config_from_dict, model_info
 from ..store import Checkpoint, CheckpointError, open_checkpoint
 from .budget import format_bytes, parse_budget
 from .embedding import RowReader, embed_on_demand
+from . import placeholders
 from .pipeline import LayerSource, Pipeline
 from .plan import Plan, make_plan
 
@@ -123,8 +124,10 @@ class StreamingEngine:
         self._handles = []
         _LIVE.add(self)
         self.scratch = None
+        self.closed = False
         if self.pipeline is not None and self.pipeline.mode == "views":
             self._patch_bitmap_modules()
+        placeholders.install(self)
         self._install_hooks()
 
     def _patch_bitmap_modules(self) -> None:
@@ -173,6 +176,7 @@ class StreamingEngine:
     def _make_post(self, i: int):
         def post(module, args, output):
             self.compute_s += time.perf_counter() - self._layer_t0
+            placeholders.restore(self, i)  # no parameter keeps pointing at a buffer the next layer reuses
             self.pipeline.release(i)  # release(n): the slot may be refilled
 
         return post
@@ -235,6 +239,10 @@ class StreamingEngine:
         return out
 
     def close(self) -> None:
+        """Stop the pipeline and free its buffers; any later forward raises ModelClosedError."""
+        if self.closed:
+            return
+        self.closed = True
         rows = getattr(self.model.get_input_embeddings(), "_sf_rows", None)
         if rows is not None:
             rows.close()
@@ -243,6 +251,9 @@ class StreamingEngine:
         self._handles = []
         if self.pipeline is not None:
             self.pipeline.close()
+        for i in self.plan.streamed:
+            placeholders.restore(self, i)
+        self._handles.append(self.model.register_forward_pre_hook(placeholders.refuse_when_closed(self), with_kwargs=True))
 
 
 def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direct_io: bool = True,
@@ -301,6 +312,7 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
     missing = [n for n in info.param_names if n not in ckpt.tensors and n not in ckpt.tied and n not in info.tied]
     if missing:
         raise CheckpointError(f"{ckpt.path}: no weights for {', '.join(missing[:5])}")
+    _check_against_model(ckpt, model, info)
     budget = parse_budget(memory_budget, ckpt.stored_bytes())
     lazy_emb = _on_demand_embedding(model, info, ckpt) if (budget is not None if embeddings_on_demand is None
                                                              else embeddings_on_demand) else None
@@ -365,6 +377,23 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
     engine = StreamingEngine(ckpt, model, plan, dev, pipeline, layers, rss_before)
     model.sparseferry = engine
     return model
+
+
+def _check_against_model(ckpt: Checkpoint, model: nn.Module, info) -> None:
+    """Every stored tensor is a parameter of the model built from the config, of its shape, and
+    (stored densely) of its dtype: nothing forged reaches a module's forward."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, e in ckpt.tensors.items():
+        p = params.get(name)
+        where = f"{ckpt.path / e.file}: tensor {name}"
+        if p is None:
+            raise CheckpointError(f"{where} is not a parameter of the {type(model).__name__} its config describes")
+        if tuple(p.shape) != e.shape:
+            raise CheckpointError(f"{where} is {list(e.shape)}, the model's parameter is {list(p.shape)}")
+        if e.encoding == "dense" and p.is_floating_point() != e.dtype.is_floating_point:
+            raise CheckpointError(f"{where} is {e.dtype}, the model's parameter is {p.dtype}")
+        if e.encoding == "dense" and p.is_floating_point() and e.dtype != p.dtype and e.dtype.itemsize == p.dtype.itemsize:
+            raise CheckpointError(f"{where} is stored as {e.dtype} in a {p.dtype} model (relabelled bytes?)")
 
 
 def _fused_kernel_available() -> bool:
