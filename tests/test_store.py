@@ -441,8 +441,18 @@ def test_a_bitmask_whose_bit_count_differs_from_the_values_fails_verify(tmp_path
     with CheckpointWriter(tmp_path / "bad", config={}, architecture="Toy", layers_prefix="model.layers", num_layers=1) as w:
         w.write_file(layer_file(0), [from_bitmap("model.layers.0.w.weight", bt)], 0)
         w.commit()
-    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'bad' / layer_file(0)}: model\.layers\.0\.w\.weight: "
-                                              r"bitmask has \d+ set bits but 256 values"):
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'bad' / layer_file(0)}: tensor model\.layers\.0\.w\.weight: "
+                                              r".*the bitmask has \d+ set bits, 256 values are stored"):
+        open_checkpoint(tmp_path / "bad").verify()
+
+
+def test_row_offsets_that_disagree_with_the_bitmask_fail_verify(tmp_path):
+    bt = encode(pruned(8, 64, torch.bfloat16, 0.5, seed=0))
+    bt.row_offsets[3] += 1  # the set-bit total still matches: only the per-row spans are wrong
+    with CheckpointWriter(tmp_path / "bad", config={}, architecture="Toy", layers_prefix="model.layers", num_layers=1) as w:
+        w.write_file(layer_file(0), [from_bitmap("model.layers.0.w.weight", bt)], 0)
+        w.commit()
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.0\.w\.weight: .*row 3 starts at value \d+, its set bits say"):
         open_checkpoint(tmp_path / "bad").verify()
 
 

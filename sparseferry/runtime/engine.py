@@ -394,6 +394,13 @@ def _check_against_model(ckpt: Checkpoint, model: nn.Module, info) -> None:
             raise CheckpointError(f"{where} is {e.dtype}, the model's parameter is {p.dtype}")
         if e.encoding == "dense" and p.is_floating_point() and e.dtype != p.dtype and e.dtype.itemsize == p.dtype.itemsize:
             raise CheckpointError(f"{where} is stored as {e.dtype} in a {p.dtype} model (relabelled bytes?)")
+    for target, source in ckpt.tied.items():
+        if target in ckpt.tensors:
+            continue
+        if not isinstance(source, str) or source not in ckpt.tensors or target not in params \
+                or tuple(params[target].shape) != ckpt.tensors[source].shape:
+            raise CheckpointError(f"{ckpt.path}: manifest ties {target} to {source!r}, which is not a stored tensor of "
+                                  f"the same shape")
 
 
 def _fused_kernel_available() -> bool:
