@@ -7,13 +7,31 @@ The functions are bound here after their modules are imported, so `sparseferry.c
 `sparseferry.prune` are always the functions; the modules stay importable by their full names
 (`from sparseferry.prune import render_report`).
 """
-from .convert import convert
-from .demo import ensure_demo_model
-from .errors import SparseferryError
-from .format import BitmapTensor, decode, encode
-from .prune import prune
-from .runtime import load, load_tokenizer
-from .store import open_checkpoint
+import os as _os
+import signal as _signal
+import sys as _sys
+
+
+def _exit_interrupted(signum, frame):  # noqa: ARG001 - Ctrl-C while the command's imports run
+    _sys.stderr.write("sparseferry: interrupted\n")
+    _os._exit(130)
+
+
+# The console script imports this package (torch, transformers: seconds) before its own handler runs:
+# only for it, Ctrl-C meanwhile exits 130 with one line instead of a traceback from deep in an import.
+_CLI = _os.path.basename(_sys.argv[0] if _sys.argv else "") == "sparseferry"
+_prev = _signal.signal(_signal.SIGINT, _exit_interrupted) if _CLI else None
+
+from .convert import convert  # noqa: E402
+from .demo import ensure_demo_model  # noqa: E402
+from .errors import SparseferryError  # noqa: E402
+from .format import BitmapTensor, decode, encode  # noqa: E402
+from .prune import prune  # noqa: E402
+from .runtime import load, load_tokenizer  # noqa: E402
+from .store import open_checkpoint  # noqa: E402
+
+if _CLI:
+    _signal.signal(_signal.SIGINT, _prev)
 
 __version__ = "0.1.0"
 

@@ -440,6 +440,10 @@ def main(argv=None) -> int:
     except SparseferryError as e:
         print(f"sparseferry: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the environment (disk full, permissions), not the input: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sparseferry: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("sparseferry: interrupted", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ from .format import BitmapTensor, decode
 from .hf import ModelError, info_from_config_dict, read_config_dict
 from .hf_folder import HFWeights, SourceError, SourceWeights, sparse_bitmask_config  # noqa: F401 - re-exported
 from .runtime.hf_compat import check_local_path
+from .guard import check_source_file, prepare_output
 from .store import (
     EXTRA_FILE,
     CheckpointError,
@@ -59,8 +60,7 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise ConvertError(f"{src}: no such folder")
-    if dst.exists() and not force:
-        raise CheckpointError(f"{dst}: already exists (pass --force to overwrite)")
+    prepare_output(dst, force=force, sources=[src])  # before any work: never the source, only our own outputs
     cfg = read_config_dict(src)
     cast = None
     if dtype is not None:
@@ -132,7 +132,7 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
     stats = {"tensors": 0, "dense_bytes": 0, "stored_bytes": 0}
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"convert {src.name}", disable=not progress)
     writer = CheckpointWriter(dst, config=out_cfg, architecture=info.architecture, layers_prefix=info.layers_prefix,
-                              num_layers=info.num_layers, tied=tied, force=force,
+                              num_layers=info.num_layers, tied=tied, force=force, sources=[src],
                               extra={"source": {"path": str(src.resolve()), "compressed_tensors": ct is not None,
                                                 "keys": _renamed_keys(source, stored_names)}}
                               | ({"values": {"format": quant, "group_size": group_size}} if quant else {}))
@@ -155,9 +155,13 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
             writer.write_file(rel, stored, layer)
             del stored
         for f in sorted(src.iterdir()):
-            if f.is_file() and f.name not in _COPY_SKIP and f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"):
-                writer.copy_file(f)
-        writer.write_text("config.json", json.dumps(out_cfg, indent=2))
+            if (f.is_dir() and not f.is_symlink()) or f.name in _COPY_SKIP or f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"):
+                continue
+            if not f.is_symlink() or f.is_file():
+                writer.copy_file(check_source_file(src, f))
+            elif not f.resolve().is_relative_to(src.resolve()):  # a link to a folder or to nothing, outside
+                check_source_file(src, f)  # raises: names the link and its target
+        writer.write_config("config.json", out_cfg)
         writer.commit()
     secs = time.perf_counter() - t0
     stats.update(seconds=secs, gbps=stats["dense_bytes"] / secs / 1e9 if secs else 0.0)

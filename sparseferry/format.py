@@ -318,9 +318,39 @@ def scatter_values(bt: BitmapTensor, values: torch.Tensor, out: torch.Tensor | N
         if tuple(out.shape) != (rows, cols) or out.dtype != bt.dtype:
             raise FormatError(f"decode: out is {out.dtype} {list(out.shape)}, expected {bt.dtype} {[rows, cols]}")
         out.zero_()
+    mask = _unpack(bt.bitmask, cols)
+    check_row_spans(bt, mask, values.numel())
     # masked_scatter fills the True positions in row-major order: exactly the order of `values`.
-    out.masked_scatter_(_unpack(bt.bitmask, cols), values)
+    out.masked_scatter_(mask, values)
     return out
+
+
+def check_row_spans(bt: BitmapTensor, mask: torch.Tensor | None = None, nvalues: int | None = None,
+                    blocks: bool = False) -> None:
+    """Raise FormatError unless every row's span in the values is exactly its set bits.
+
+    row_offsets must be the exclusive prefix sum of the per-row bit counts and the last row must end
+    at nnz (= the number of values; `nvalues` when given); with `blocks`, block_offsets must also be
+    the per-row exclusive prefix counts of each column block (the GPU kernel trusts them). Every
+    decoder path runs this check (the native kernels in C, per row) before it reads a value.
+    """
+    rows, cols = bt.shape
+    if mask is None:
+        mask = _unpack(bt.bitmask, cols)
+    counts = mask.sum(1, dtype=torch.int64)
+    want = counts.cumsum(0) - counts
+    n = bt.nnz if nvalues is None else nvalues
+    total = int(counts.sum()) if rows else 0
+    if total != n or not torch.equal(bt.row_offsets.to(torch.int64), want):
+        if total != n:
+            why = f"the bitmask has {total} set bits, {n} values are stored"
+        else:
+            r = int((bt.row_offsets.to(torch.int64) != want).nonzero()[0])
+            why = f"row {r} starts at value {int(bt.row_offsets[r])}, its set bits say {int(want[r])}"
+        raise FormatError(f"bitmap matrix [{rows}, {cols}] (nnz {n}): row_offsets disagree with the bitmask: {why}")
+    if blocks and (cols > BLOCK_COLS or bt.block_offsets.numel()):
+        if not torch.equal(bt.block_offsets.to(torch.int32), _block_offsets(mask)):
+            raise FormatError(f"bitmap matrix [{rows}, {cols}]: block_offsets disagree with the bitmask")
 
 
 def bitmap_nbytes(rows: int, cols: int, nnz: int, elem_bytes: int) -> int:

@@ -24,34 +24,41 @@ class ModelError(SparseferryError):
 
 
 def read_config_dict(folder: Path) -> dict:
+    """config.json of a model folder (a regular file inside it), with non-finite floats decoded."""
+    from .guard import check_source_file, decode_floats
+
     path = Path(folder) / "config.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ModelError(f"{folder}: no config.json (expected a HuggingFace model folder)")
+    check_source_file(folder, path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path}: not a JSON object")
+    return decode_floats(cfg)
 
 
 def config_from_dict(cfg: dict):
     """A transformers config object from a config.json dict; a clear error for unknown model types."""
     from transformers import AutoConfig
 
-    model_type = cfg.get("model_type")
-    if not model_type:
-        raise ModelError("config.json has no 'model_type'")
-    from transformers import PretrainedConfig
+    from .guard import check_config_limits, decode_floats
 
-    # config.json writes inf / nan as {"__float__": "Infinity"}; transformers decodes them when it reads the file
-    decode_floats = getattr(PretrainedConfig, "_decode_special_floats", None)
-    if decode_floats is not None:
-        cfg = decode_floats(cfg)
+    cfg = decode_floats(cfg)
+    check_config_limits(cfg)
+    model_type = cfg.get("model_type")
+    if not model_type or not isinstance(model_type, str):
+        raise ModelError("config.json has no 'model_type'")
     try:
-        return AutoConfig.for_model(**cfg)
+        config = AutoConfig.for_model(**cfg)
     except (ValueError, KeyError) as e:
         raise ModelError(f"model_type {model_type!r} is not known to transformers ({e})") from None
     except Exception as e:  # noqa: BLE001 - a config transformers' own validation rejects
         raise ModelError(f"config.json: transformers rejects this {model_type!r} config ({type(e).__name__}: {e})") from None
+    check_config_limits(config)
+    return config
 
 
 def build_meta_model(config) -> nn.Module:

@@ -27,6 +27,7 @@ import torch
 
 from .errors import SparseferryError
 from .format import BitmapTensor, FormatError, decode
+from .guard import check_source_file
 from .hf import ModelInfo, normalize_key
 from .sparse24 import SPARSE24_FORMATS, SPARSE24_PARTS, Sparse24Error, is_sparse24, sparse24_to_dense
 
@@ -51,6 +52,8 @@ class SourceWeights:
         self._bins: dict[Path, dict] = {}
         st_files = sorted(self.folder.glob("*.safetensors"))
         bin_files = sorted(p for p in self.folder.glob("*.bin") if p.name != "training_args.bin")
+        for p in st_files + bin_files:
+            check_source_file(self.folder, p)  # a FIFO would block, a link out of the folder read another file
         if not st_files and not bin_files:
             raise SourceError(f"{self.folder}: no weights (*.safetensors or *.bin) found")
         for p in st_files:

@@ -136,7 +136,10 @@ def _check_scales(scales: torch.Tensor, name: str) -> None:
 
 def dequantize_values(qbt: QuantBitmapTensor) -> torch.Tensor:
     """[nnz] fp32: (code - zero) * scale of every non-zero (exact in fp32), before rounding to out_dtype."""
+    from .format import check_row_spans
+
     rows, cols = qbt.shape
+    check_row_spans(qbt)  # before value_groups: a row span past nnz would index outside codes and scales
     gid = value_groups(qbt.row_offsets, qbt.nnz, qbt.group_size, cols)
     if qbt.value_format == "int8":
         q = qbt.values.to(torch.float32)

@@ -30,24 +30,34 @@ from .format import (
     worth_encoding,
 )
 from .io import FileReader
+from .validate import (
+    MANIFEST_DIGEST_KEY,
+    MAX_LAYERS,
+    ST_DTYPES,
+    CheckpointError,
+    check_entry,
+    check_entry_fields,
+    check_file_entry,
+    check_layout,
+    check_manifest_digest,
+    is_int,
+    manifest_digest,
+    pad_spans,
+    read_header,
+    seal,
+)
 
 FORMAT_NAME = "sparseferry"
 FORMAT_VERSION = 1
 MANIFEST = "sparseferry.json"
 EXTRA_FILE = "extra.safetensors"
 
-_ST_DTYPES = {  # torch dtype <-> safetensors dtype string
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}
+_ST_DTYPES = ST_DTYPES  # torch dtype <-> safetensors dtype string
 _ST_FROM = {v: k for k, v in _ST_DTYPES.items()}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write failed for lack of room
 
 
-class CheckpointError(SparseferryError):
-    """A checkpoint folder is missing, malformed, corrupted or from an unknown version."""
 
 
 def layer_file(i: int) -> str:
@@ -258,7 +268,9 @@ def _write_safetensors(path: Path, tensors: list[StoredTensor]) -> tuple[dict, d
         f.flush()
         os.fsync(f.fileno())
     size = data_start + pos
-    fentry = {"size": size, "data_start": data_start, "data_end": size, "digest": h.hexdigest()}
+    head = struct.pack("<Q", len(hbytes)) + hbytes
+    fentry = {"size": size, "data_start": data_start, "data_end": size, "digest": h.hexdigest(),
+              "header_digest": digest(head)}
     if expert:
         ranges = [{"start": data_start + a, "end": data_start + z, "digest": hh.hexdigest()} for (a, z), hh in zip(spans, span_h)]
         fentry["base"], fentry["experts"] = ranges[0], ranges[1:]
@@ -272,10 +284,11 @@ class CheckpointWriter:
     """
 
     def __init__(self, dst, *, config: dict, architecture: str, layers_prefix: str, num_layers: int,
-                 tied: dict[str, str] | None = None, force: bool = False, extra: dict | None = None):
-        self.dst = Path(dst)
-        if self.dst.exists() and not force:
-            raise CheckpointError(f"{self.dst}: already exists (pass --force / force=True to overwrite)")
+                 tied: dict[str, str] | None = None, force: bool = False, extra: dict | None = None,
+                 sources=()):
+        from .guard import encode_floats, prepare_output
+
+        self.dst = prepare_output(dst, force=force, sources=sources)  # never the source, only our own outputs
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.dst.parent / f".{self.dst.name}.partial-{os.getpid()}"
         if self.tmp.exists():
@@ -286,7 +299,7 @@ class CheckpointWriter:
             "format_version": FORMAT_VERSION,
             "block_cols": BLOCK_COLS,
             "architecture": architecture,
-            "config": config,
+            "config": encode_floats(config),  # standard JSON: non-finite floats as {"__float__": ...}
             "layers_prefix": layers_prefix,
             "num_layers": num_layers,
             "checksum": "xxh3_64",
@@ -333,6 +346,12 @@ class CheckpointWriter:
                 raise self._out_of_space(name, e) from None
             raise
 
+    def write_config(self, name: str, config: dict) -> None:
+        """Write a config dict as JSON, non-finite floats in transformers' {"__float__": ...} form."""
+        from .guard import encode_floats
+
+        self.write_text(name, json.dumps(encode_floats(config), indent=2, allow_nan=False))
+
     def write_text(self, name: str, text: str) -> None:
         """Write a small text file (e.g. config.json) into the checkpoint."""
         try:
@@ -344,13 +363,14 @@ class CheckpointWriter:
 
     def commit(self) -> Path:
         mpath = self.tmp / MANIFEST
+        seal(self.manifest)
         try:
             with open(mpath, "w") as f:
                 json.dump(self.manifest, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             if not (self.tmp / "config.json").exists():
-                (self.tmp / "config.json").write_text(json.dumps(self.manifest["config"], indent=2))
+                (self.tmp / "config.json").write_text(json.dumps(self.manifest["config"], indent=2, allow_nan=False))
         except OSError as e:
             if e.errno in _DISK_FULL:
                 raise self._out_of_space(MANIFEST, e) from None
@@ -455,33 +475,84 @@ class Checkpoint:
                 raise CheckpointError(f"{mpath}: manifest lacks {k!r}")
         if m["block_cols"] != BLOCK_COLS:
             raise CheckpointError(f"{mpath}: block_cols {m['block_cols']} unsupported (expected {BLOCK_COLS})")
+        check_manifest_digest(mpath, m)
+        if m.get("checksum", "xxh3_64") != "xxh3_64":
+            raise CheckpointError(f"{mpath}: checksum {m.get('checksum')!r} unsupported (this sparseferry reads xxh3_64)")
+        if not is_int(m["num_layers"], 0, MAX_LAYERS) or not isinstance(m["layers_prefix"], str) \
+                or not isinstance(m["files"], dict) or not isinstance(m["tensors"], dict) or not isinstance(m["config"], dict) \
+                or not isinstance(m.get("tied", {}), dict):
+            raise CheckpointError(f"{mpath}: num_layers must be an integer in [0, {MAX_LAYERS}], layers_prefix a string, "
+                                  f"config, files, tensors and tied objects")
+        from .guard import decode_floats
+
         self.manifest = m
-        self.config: dict = m["config"]
+        self.config: dict = decode_floats(m["config"])
         self.num_layers: int = m["num_layers"]
         self.layers_prefix: str = m["layers_prefix"]
         self.tied: dict[str, str] = m.get("tied", {})
         self.files: dict[str, dict] = m["files"]
+        headers = {}
         for rel, fe in self.files.items():
-            fp = self.path / rel
-            if not fp.is_file():
-                raise CheckpointError(f"{fp}: listed in the manifest but missing")
-            if not isinstance(fe, dict) or not all(k in fe for k in ("size", "data_start", "data_end", "digest")):
-                raise CheckpointError(f"{mpath}: malformed entry for file {rel}")
-            size = fp.stat().st_size
-            if size != fe["size"]:
-                raise CheckpointError(f"{fp}: {size} bytes, manifest says {fe['size']} (truncated or modified)")
+            fp = self._file_path(mpath, rel)
+            check_file_entry(mpath, rel, fe, fp.stat().st_size)
+            headers[rel] = read_header(fp, fe)
+        for i in range(self.num_layers):
+            if layer_file(i) not in self.files:
+                raise CheckpointError(f"{mpath}: layer {i} has no file {layer_file(i)} in the manifest")
         self.tensors: dict[str, TensorEntry] = {}
         for name, e in m["tensors"].items():
+            where = f"{mpath}: tensor {name}"
+            if not isinstance(e, dict):
+                raise CheckpointError(f"{where}: entry is not an object")
+            if e.get("encoding") == "experts":  # the sub-entries are ordinary entries, checked one by one
+                for k, sub in enumerate(e.get("experts") or []):
+                    check_entry_fields(f"{where}, expert {k}", sub)
+            else:
+                check_entry_fields(where, e)
+            where_file = e.get("file")
+            if where_file not in self.files:
+                raise CheckpointError(f"{mpath}: tensor {name} lives in {where_file!r}, which the manifest does not list")
+            layer = e.get("layer")
+            if layer is None:
+                if where_file.startswith("layers/"):
+                    raise CheckpointError(f"{mpath}: tensor {name} is outside the decoder layers but stored in {where_file}")
+            elif not is_int(layer, 0, self.num_layers - 1) or where_file != layer_file(layer) \
+                    or not name.startswith(f"{self.layers_prefix}.{layer}."):
+                raise CheckpointError(f"{mpath}: tensor {name} says layer {layer!r} in {where_file}; expected a layer in "
+                                      f"[0, {self.num_layers}) whose file and name prefix ({self.layers_prefix}.N.) it matches")
             self.tensors[name] = _parse_entry(mpath, name, e, self.files)
         for name, t in self.tensors.items():
             for sub in t.experts if t.experts is not None else [t]:
                 _check_value_encoding(mpath, sub)
+        for rel, fe in self.files.items():
+            fp = self.path / rel
+            spans = []
+            for name, t in self.tensors.items():
+                if t.file != rel:
+                    continue
+                if t.experts is None:
+                    spans += check_entry(fp, fe, headers[rel], name, m["tensors"][name])
+                else:
+                    for k, sub in enumerate(t.experts):
+                        spans += check_entry(fp, fe, headers[rel], sub.name, m["tensors"][name]["experts"][k])
+            check_layout(fp, headers[rel], spans + pad_spans(fp, fe, headers[rel]))
         self._layer_names: dict[int, list[str]] = {}
         for name, t in self.tensors.items():
             if t.layer is not None:
                 self._layer_names.setdefault(t.layer, []).append(name)
         self._check_expert_layout(mpath)
         self._mmaps: dict[str, object] = {}
+
+    def _file_path(self, mpath: Path, rel) -> Path:
+        """A file the manifest lists: a regular file inside the checkpoint folder (no `..`, no link out)."""
+        fp = self.path / rel if isinstance(rel, str) else None
+        if fp is None or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"{mpath}: file name {rel!r} is not a path inside the checkpoint")
+        if not fp.exists():
+            raise CheckpointError(f"{fp}: listed in the manifest but missing")
+        if not fp.is_file() or not fp.resolve().is_relative_to(self.path.resolve()):
+            raise CheckpointError(f"{fp}: not a regular file inside the checkpoint folder")
+        return fp
 
     # -- structure
     def layer_tensors(self, i: int) -> list[str]:
@@ -768,12 +839,13 @@ class Checkpoint:
                     if got != want:
                         raise CheckpointError(f"{fp}: tensor {p['name']} is {got} in the file header, manifest says {want}")
                 s = self._stored_entry(t, False)
-                if isinstance(s, BitmapTensor):
-                    from .format import _unpack
+                if isinstance(s, BitmapTensor):  # what the runtime's decoders check, checked up front
+                    from .format import check_row_spans
 
-                    setbits = int(_unpack(s.bitmask, s.shape[1]).sum())
-                    if setbits != s.nnz:
-                        raise CheckpointError(f"{fp}: {n}: bitmask has {setbits} set bits but {s.nnz} values")
+                    try:
+                        check_row_spans(s, blocks=True)
+                    except FormatError as err:
+                        raise CheckpointError(f"{fp}: tensor {n}: {err}") from None
             for k, r in enumerate([fe["base"], *fe["experts"]] if "experts" in fe else []):
                 if digest(_as_bytes(buf[r["start"] : r["end"]])) != r["digest"]:
                     what = "base range" if k == 0 else f"expert {k - 1} range"

@@ -398,6 +398,9 @@ def synth(out, *, arch: str = "llama", params="1B", sparsity: float = 0.5, seed:
         if have is not None and {k: have.get(k) for k in want} == want:
             return have
         raise SynthError(f"{out}: already exists (and was not made by synth with these settings); pass force=True / --force")
+    from .guard import prepare_output
+
+    prepare_output(out, force=force)  # --force replaces only a sparseferry output or an empty folder
 
     from tqdm import tqdm
 
@@ -418,7 +421,10 @@ def synth(out, *, arch: str = "llama", params="1B", sparsity: float = 0.5, seed:
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise SynthError(f"{out}: cannot create {tmp} ({e.strerror})") from None
     bar = tqdm(total=nparams * itemsize, unit="B", unit_scale=True, desc=f"synth {arch} {nparams / 1e9:.2f}B",
                disable=not progress)
     threads = torch.get_num_threads()
@@ -450,6 +456,10 @@ def synth(out, *, arch: str = "llama", params="1B", sparsity: float = 0.5, seed:
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError as e:  # out of disk space, permissions: one line, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = Path(e.filename).name if e.filename else "the model"
+        raise SynthError(f"{out}: {e.strerror or e} while writing {what}; nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,6 +20,7 @@ from conftest import (
     make_tiny_model,
 )
 
+from sparseferry.validate import seal
 from sparseferry.cli import main
 from sparseferry.store import MANIFEST, layer_file, open_checkpoint
 
@@ -165,7 +166,7 @@ def test_damaged_checkpoint(tmp_path, capsys, damage, fragments):
     elif damage == "future":
         m = json.loads((dst / MANIFEST).read_text())
         m["format_version"] = 2
-        (dst / MANIFEST).write_text(json.dumps(m))
+        (dst / MANIFEST).write_text(json.dumps(seal(m)))
     else:
         (dst / MANIFEST).unlink()
     rc, _, err = run(capsys, "inspect", dst, "--verify")

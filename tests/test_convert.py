@@ -283,8 +283,13 @@ def test_an_existing_destination_is_kept_unless_forced(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{dst}: already exists \(pass --force"):
         convert(src, dst, progress=False)
     assert (dst / "precious").read_text() == "keep me"
-    convert(src, dst, force=True, progress=False)
-    assert not (dst / "precious").exists() and leftovers(dst) == []
+    with pytest.raises(CheckpointError, match=rf"{dst}: holds precious, not a sparseferry output"):
+        convert(src, dst, force=True, progress=False)  # --force replaces only our own outputs
+    assert (dst / "precious").read_text() == "keep me"
+    (dst / "precious").unlink()
+    convert(src, dst, progress=False, force=True)  # an empty folder
+    convert(src, dst, force=True, progress=False)  # a previous checkpoint
+    assert leftovers(dst) == []
     assert_checkpoint_holds(dst, model)
 
 

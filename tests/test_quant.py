@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparseferry
+from sparseferry.validate import seal
 from sparseferry.cli import main as cli_main
 from sparseferry.convert import ConvertError, convert
 from sparseferry.format import FormatError, QuantBitmapTensor, decode, encode
@@ -343,7 +344,7 @@ def test_readers_reject_unknown_value_encodings_naming_the_tensor(llama_src, tmp
     m = json.loads((dst / MANIFEST).read_text())
     name = "model.layers.1.mlp.up_proj.weight"
     m["tensors"][name][field] = value
-    (dst / MANIFEST).write_text(json.dumps(m))
+    (dst / MANIFEST).write_text(json.dumps(seal(m)))
     with pytest.raises(CheckpointError, match=re.escape(f"tensor {name}") + ".*" + re.escape(message)):
         open_checkpoint(dst)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
+import xxhash
 from conftest import (
     assert_bit_equal,
     assert_nothing_written,
@@ -20,6 +21,7 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
+from sparseferry.validate import seal
 from sparseferry.format import BitmapTensor, encode
 from sparseferry.io import FileReader, aligned_empty, buffer_size_for
 from sparseferry.store import (
@@ -311,7 +313,7 @@ def test_a_full_disk_gives_a_clear_error_and_leaves_nothing(tmp_path, limit, whe
 def edit_manifest(dst: Path, edit) -> None:
     m = json.loads((dst / MANIFEST).read_text())
     edit(m)
-    (dst / MANIFEST).write_text(json.dumps(m))
+    (dst / MANIFEST).write_text(json.dumps(seal(m)))
 
 
 def test_a_model_folder_without_manifest_gets_a_hint_to_convert(tmp_path):
@@ -334,8 +336,8 @@ def test_a_manifest_that_is_not_json_is_rejected(toy):
     (lambda m: m.update(format_version=2), "format version 2 is newer than this sparseferry reads"),
     (lambda m: m.pop("tensors"), "manifest lacks 'tensors'"),
     (lambda m: m.update(block_cols=512), "block_cols 512 unsupported"),
-    (lambda m: m["tensors"]["model.norm.weight"].pop("dtype"), "malformed entry for tensor model.norm.weight"),
-    (lambda m: m["files"].pop(EXTRA_FILE), "tensor model.embed_tokens.weight lives in extra.safetensors, which the manifest does not list"),
+    (lambda m: m["tensors"]["model.norm.weight"].pop("dtype"), "tensor model.norm.weight: entry lacks 'dtype'"),
+    (lambda m: m["files"].pop(EXTRA_FILE), "tensor model.embed_tokens.weight lives in 'extra.safetensors', which the manifest does not list"),
 ])
 def test_a_bad_manifest_is_rejected_on_open(toy, edit, message):
     dst, _ = toy
@@ -398,22 +400,39 @@ def rename_in_header(path: Path, old: str, new: str) -> None:
     path.write_bytes(data[:8] + data[8:8 + n].replace(old.encode(), new.encode()) + data[8 + n:])
 
 
-def test_a_tensor_missing_from_the_file_header_fails_verify(toy):
+def reseal_header(dst: Path, rel: str) -> None:
+    """Record a rewritten header's digest in the manifest (and reseal it): a forger's next step."""
+    m = json.loads((dst / MANIFEST).read_text())
+    m["files"][rel]["header_digest"] = xxhash.xxh3_64_hexdigest((dst / rel).read_bytes()[: m["files"][rel]["data_start"]])
+    (dst / MANIFEST).write_text(json.dumps(seal(m)))
+
+
+def test_a_rewritten_header_is_refused_on_open(toy):
     dst, _ = toy
     path = dst / layer_file(0)
     rename_in_header(path, "q_proj.bitmask", "q_proj.bitmasq")
-    with pytest.raises(CheckpointError, match=rf"{path}: tensor model\.layers\.0\.self_attn\.q_proj\.bitmask "
-                                              "listed in the manifest is not in the file"):
-        open_checkpoint(dst).verify()
+    with pytest.raises(CheckpointError, match=rf"{path}: header digest mismatch"):
+        open_checkpoint(dst)
 
 
-def test_a_header_disagreeing_with_the_manifest_fails_verify(toy):
+def test_a_tensor_missing_from_the_file_header_is_refused_on_open(toy):
+    dst, _ = toy
+    path = dst / layer_file(0)
+    rename_in_header(path, "q_proj.bitmask", "q_proj.bitmasq")
+    reseal_header(dst, layer_file(0))
+    with pytest.raises(CheckpointError, match=rf"{path}: tensor model\.layers\.0\.self_attn\.q_proj\.weight, part bitmask: "
+                                              r"the safetensors header has model\.layers\.0\.self_attn\.q_proj\.bitmask as None"):
+        open_checkpoint(dst)
+
+
+def test_a_header_disagreeing_with_the_manifest_is_refused_on_open(toy):
     dst, _ = toy
     path = dst / layer_file(0)
     rename_in_header(path, '"dtype":"BF16","shape":[40]', '"dtype":"F16","shape":[40] ')
-    with pytest.raises(CheckpointError, match=rf"{path}: tensor model\.layers\.0\.input_layernorm\.weight is .*'F16'.* "
-                                              r"manifest says .*'BF16'"):
-        open_checkpoint(dst).verify()
+    reseal_header(dst, layer_file(0))
+    with pytest.raises(CheckpointError, match=rf"{path}: tensor model\.layers\.0\.input_layernorm\.weight, part dense: "
+                                              r"the safetensors header has .* as .*'F16'.* manifest says .*'BF16'"):
+        open_checkpoint(dst)
 
 
 def test_a_bitmask_whose_bit_count_differs_from_the_values_fails_verify(tmp_path):
@@ -422,8 +441,18 @@ def test_a_bitmask_whose_bit_count_differs_from_the_values_fails_verify(tmp_path
     with CheckpointWriter(tmp_path / "bad", config={}, architecture="Toy", layers_prefix="model.layers", num_layers=1) as w:
         w.write_file(layer_file(0), [from_bitmap("model.layers.0.w.weight", bt)], 0)
         w.commit()
-    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'bad' / layer_file(0)}: model\.layers\.0\.w\.weight: "
-                                              r"bitmask has \d+ set bits but 256 values"):
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'bad' / layer_file(0)}: tensor model\.layers\.0\.w\.weight: "
+                                              r".*the bitmask has \d+ set bits, 256 values are stored"):
+        open_checkpoint(tmp_path / "bad").verify()
+
+
+def test_row_offsets_that_disagree_with_the_bitmask_fail_verify(tmp_path):
+    bt = encode(pruned(8, 64, torch.bfloat16, 0.5, seed=0))
+    bt.row_offsets[3] += 1  # the set-bit total still matches: only the per-row spans are wrong
+    with CheckpointWriter(tmp_path / "bad", config={}, architecture="Toy", layers_prefix="model.layers", num_layers=1) as w:
+        w.write_file(layer_file(0), [from_bitmap("model.layers.0.w.weight", bt)], 0)
+        w.commit()
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.0\.w\.weight: .*row 3 starts at value \d+, its set bits say"):
         open_checkpoint(tmp_path / "bad").verify()
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..format import BLOCK_COLS, BitmapTensor, QuantBitmapTensor
+from ..format import BLOCK_COLS, BitmapTensor, FormatError, QuantBitmapTensor, check_row_spans, num_groups
 
 _AS_INT = {2: torch.int16, 4: torch.int32}  # element size -> integer dtype of the same width
 
@@ -71,13 +71,18 @@ def _decompress_quant_block(codes, scales, zeros, group_offsets, bitmask, row_of
 def decompress(bt: BitmapTensor, out: torch.Tensor) -> torch.Tensor:
     """Fill `out` ([rows, cols], bt's dtype and device, contiguous: checked by the caller) with the decode of bt.
 
-    Trusts bt's offsets (a CUDA kernel cannot cheaply validate them per row); checkpoints are
-    digest-checked when streamed, and `sparseferry verify` checks nnz against the bitmask.
+    The kernel itself trusts the offsets (one program per block cannot see its whole row), so they
+    are checked first, on the device: row_offsets and block_offsets against the bitmask's bit
+    counts, and (quantized) the scale count against the row spans (`format.check_row_spans`).
     """
     rows, cols = bt.shape
     nblocks = (cols + BLOCK_COLS - 1) // BLOCK_COLS
     if rows == 0 or cols == 0:
         return out
+    check_row_spans(bt, blocks=True)
+    if isinstance(bt, QuantBitmapTensor) and bt.scales.numel() != num_groups(bt.row_offsets, bt.nnz, bt.group_size, cols):
+        raise FormatError(f"quantized bitmap matrix [{rows}, {cols}]: {bt.scales.numel()} scales, its row spans need "
+                          f"{num_groups(bt.row_offsets, bt.nnz, bt.group_size, cols)}")
     if isinstance(bt, QuantBitmapTensor):
         g = bt.group_size if bt.group_size > 0 else max(cols, 1)
         int4 = bt.value_format == "int4"

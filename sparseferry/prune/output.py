@@ -40,7 +40,7 @@ class SparseferrySink:
     def commit(self) -> Path:
         for f in self.source.files_to_copy():
             self.writer.copy_file(f)
-        (self.writer.tmp / "config.json").write_text(json.dumps(self.source.config_dict, indent=2))
+        self.writer.write_config("config.json", self.source.config_dict)
         return self.writer.commit()
 
     def __enter__(self):
@@ -58,9 +58,9 @@ class DenseSink:
 
     def __init__(self, dst, source, pruning: dict):
         self.source = source
-        self.dst = Path(dst)
-        if self.dst.exists():
-            raise CheckpointError(f"{self.dst}: already exists (choose a new output folder)")
+        from ..guard import prepare_output
+
+        self.dst = prepare_output(dst, force=False)  # also removes temporaries of dead runs
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.dst.parent / f".{self.dst.name}.partial-{os.getpid()}"
         if self.tmp.exists():
@@ -88,7 +88,9 @@ class DenseSink:
         (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for f in self.source.files_to_copy():
             shutil.copy2(f, self.tmp / f.name)
-        (self.tmp / "config.json").write_text(json.dumps(self.source.config_dict, indent=2))
+        from ..guard import encode_floats
+
+        (self.tmp / "config.json").write_text(json.dumps(encode_floats(self.source.config_dict), indent=2, allow_nan=False))
         (self.tmp / "pruning.json").write_text(json.dumps(self.pruning, indent=2))
         os.rename(self.tmp, self.dst)
         self._committed = True

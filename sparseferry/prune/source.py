@@ -58,7 +58,9 @@ def folder_tokenizer(folder: Path):
 
 def small_files(folder: Path) -> list[Path]:
     """Tokenizer, generation config and other non-weight files of a model folder (config.json excluded)."""
-    return [f for f in sorted(Path(folder).iterdir())
+    from ..guard import check_source_file
+
+    return [check_source_file(folder, f) for f in sorted(Path(folder).iterdir())
             if f.is_file() and f.name not in _SKIP_FILES and not f.name.endswith(_WEIGHT_SUFFIXES)]
 
 

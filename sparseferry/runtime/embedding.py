@@ -21,6 +21,7 @@ class RowReader:
     def __init__(self, ckpt: Checkpoint, name: str, verify: bool = True):
         e = ckpt.tensors[name]
         part = e.parts["dense"]
+        self.name = name
         self.path = ckpt.path / e.file
         self.offset, self.nbytes = part["offset"], part["nbytes"]
         self.rows, self.cols = e.shape
@@ -34,7 +35,7 @@ class RowReader:
         import xxhash
 
         h = xxhash.xxh3_64()
-        chunk = 64 << 20
+        chunk = 8 << 20  # held while hashed: small, it is outside the budget
         for start in range(0, self.nbytes, chunk):
             h.update(os.pread(self.fd, min(chunk, self.nbytes - start), self.offset + start))
         if h.hexdigest() != want:

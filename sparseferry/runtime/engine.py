@@ -29,6 +29,7 @@ from .embedding import RowReader, embed_on_demand
 from .hf_compat import check_local_path, from_pretrained_options
 from .expert_cache import ExpertCache, expert_keys
 from .experts import ExpertsRuntime
+from . import placeholders
 from .pipeline import LayerSource, Pipeline
 from .plan import Plan, make_plan
 from .whole_experts import whole_experts
@@ -78,6 +79,15 @@ def _bitmap_forward(self: nn.Module, *args, **kwargs):
     w = self._sf_scratch[: rows * cols * bt.dtype.itemsize].view(bt.dtype).view(rows, cols)
     self._parameters["weight"] = nn.Parameter(decompress(bt, out=w), requires_grad=False)
     return self._sf_forward(*args, **kwargs)
+
+
+def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The output head on 2-D rows. transformers gives it `hidden[:, -k:, :]`, a 3-D strided slice;
+    torch's matmul then cannot fold the batch into one GEMM and copies the (transposed) weight once
+    per sequence: B x 125 MiB for a 32000 x 2048 bf16 head, beyond any budget. As [B*k, H] rows
+    (a copy of B*k rows) it is one GEMM reading the weight in place; same result."""
+    y = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _peak_rss_bytes() -> int:
@@ -133,10 +143,12 @@ class StreamingEngine:
         self._handles = []
         _LIVE.add(self)
         self.scratch = None
+        self.closed = False
         if self.pipeline is not None and self.pipeline.mode == "views":
             self._patch_bitmap_modules()
         if self.experts is not None:
             self.experts.scratch = self.scratch
+        placeholders.install(self)
         self._install_hooks()
 
     def _patch_bitmap_modules(self) -> None:
@@ -167,6 +179,9 @@ class StreamingEngine:
             if i in streamed:
                 self._handles.append(layer.register_forward_pre_hook(self._make_pre(i)))
                 self._handles.append(layer.register_forward_hook(self._make_post(i)))
+        head = self.model.get_output_embeddings()
+        if type(head) is nn.Linear and "forward" not in head.__dict__:
+            head.forward = types.MethodType(_head_forward, head)
         self._handles.append(self.model.register_forward_pre_hook(self._pass_start, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._pass_end, with_kwargs=True))
 
@@ -193,6 +208,7 @@ class StreamingEngine:
     def _make_post(self, i: int):
         def post(module, args, output):
             self.compute_s += time.perf_counter() - self._layer_t0
+            placeholders.restore(self, i)  # no parameter keeps pointing at a buffer the next layer reuses
             self.pipeline.release(i)  # release(n): the slot may be refilled
 
         return post
@@ -300,6 +316,10 @@ class StreamingEngine:
         }
 
     def close(self) -> None:
+        """Stop the pipeline and free its buffers; any later forward raises ModelClosedError."""
+        if self.closed:
+            return
+        self.closed = True
         rows = getattr(self.model.get_input_embeddings(), "_sf_rows", None)
         if rows is not None:
             rows.close()
@@ -310,6 +330,9 @@ class StreamingEngine:
             self.pipeline.close()
         if self.experts is not None:
             self.experts.close()
+        for i in self.plan.streamed:
+            placeholders.restore(self, i)
+        self._handles.append(self.model.register_forward_pre_hook(placeholders.refuse_when_closed(self), with_kwargs=True))
 
 
 def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direct_io: bool = True,
@@ -377,6 +400,7 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
     missing = [n for n in info.param_names if n not in ckpt.tensors and n not in ckpt.tied and n not in info.tied]
     if missing:
         raise CheckpointError(f"{ckpt.path}: no weights for {', '.join(missing[:5])}")
+    _check_against_model(ckpt, model, info)
     _match_stored_dtypes(model, ckpt)
     budget = parse_budget(memory_budget, ckpt.stored_bytes())
     lazy_emb = _on_demand_embedding(model, info, ckpt) if (budget is not None if embeddings_on_demand is None
@@ -470,6 +494,31 @@ def _match_stored_dtypes(model: nn.Module, ckpt: Checkpoint) -> None:
         e = ckpt.tensors.get(name)
         if e is not None and p.device.type == "meta" and p.dtype != e.dtype:
             _set_param(model, name, torch.empty(p.shape, dtype=e.dtype, device="meta"))
+
+
+def _check_against_model(ckpt: Checkpoint, model: nn.Module, info) -> None:
+    """Every stored tensor is a parameter of the model built from the config, of its shape, and
+    (stored densely) of its dtype: nothing forged reaches a module's forward."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(model.named_buffers(remove_duplicate=False))  # persistent buffers are stored too
+    for name, e in ckpt.tensors.items():
+        p = params.get(name)
+        where = f"{ckpt.path / e.file}: tensor {name}"
+        if p is None:
+            raise CheckpointError(f"{where} is not a parameter of the {type(model).__name__} its config describes")
+        if tuple(p.shape) != e.shape:
+            raise CheckpointError(f"{where} is {list(e.shape)}, the model's parameter is {list(p.shape)}")
+        if e.encoding == "dense" and p.is_floating_point() != e.dtype.is_floating_point:
+            raise CheckpointError(f"{where} is {e.dtype}, the model's parameter is {p.dtype}")
+        if e.encoding == "dense" and p.is_floating_point() and e.dtype != p.dtype and e.dtype.itemsize == p.dtype.itemsize:
+            raise CheckpointError(f"{where} is stored as {e.dtype} in a {p.dtype} model (relabelled bytes?)")
+    for target, source in ckpt.tied.items():
+        if target in ckpt.tensors:
+            continue
+        if not isinstance(source, str) or source not in ckpt.tensors or target not in params \
+                or tuple(params[target].shape) != ckpt.tensors[source].shape:
+            raise CheckpointError(f"{ckpt.path}: manifest ties {target} to {source!r}, which is not a stored tensor of "
+                                  f"the same shape")
 
 
 def _fused_kernel_available() -> bool:
