@@ -7,10 +7,11 @@
  *   AVX2, C: decode 1024 columns of the row into a stack buffer with the same row decoders as
  *            decompress.c (it stays in L1), then dot it with each row of x.
  * Accumulation is in fp32 throughout; x and y are fp32 (the Python wrapper converts).
- * Quantized values (sf_matvec_q): each row's values are first dequantized into a per-thread scratch
- * row of the output dtype (dequant.c), which then takes the place of the packed values above.
+ * Quantized values (sf_matvec_q): on the AVX-512 path the codes are dequantized inside the same
+ * expand + multiply loop (matvec_q.c). Otherwise (and for fp32 values) each row's values are first
+ * dequantized into a per-thread scratch row (dequant.c), which takes the place of the packed values.
  */
-#include "sf_kernels.h"
+#include "sf_avx512.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -146,25 +147,11 @@ static void matvec_decode_dot(int path, const sf_quant *q, int dtype, int64_t ro
 
 #if SF_X86
 /* ------------------------------------------------------------------------------------------ */
-/* AVX-512 fused expand + multiply-add                                                         */
+/* AVX-512 fused expand + multiply-add (the multiply step and its modes: sf_avx512.h)          */
 
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,popcnt")))
-#define INLINE static inline __attribute__((always_inline))
-#define GROUP 4 /* rows of x per pass over a row of W: 8 accumulators live in registers */
-
-/* How one group of 32 columns is multiplied, by value dtype and x dtype:
- *   DOT_BF16: W bf16, x bf16 -> vdpbf16ps: the 32 products (exact in fp32) are summed pairwise
- *             into 16 fp32 lanes; one instruction per 32 columns. Needs AVX512_BF16. Like all
- *             AVX512_BF16 arithmetic it treats subnormal inputs as zero.
- *   BF16:     W bf16, x fp32 -> each bf16 is the top half of an fp32: interleaving zeros below
- *             (vpunpck{l,h}wd) widens 32 values to two fp32 vectors, in the lane order
- *             [0-3, 8-11, 16-19, 24-27] / [4-7, 12-15, 20-23, 28-31]; x is stored permuted to match.
- *   F16:      W fp16, x fp32 -> vcvtph2ps.
- *   F32:      W fp32, x fp32 -> two 16-lane expands.
- * x is copied once per call into a zero-padded buffer (row stride = cols rounded up to 32), so
- * the last, partial group needs no masked loads of x: its missing weights are expanded as 0 and
- * meet x = 0, never garbage (0 * NaN would be NaN). */
-enum { MODE_DOT_BF16, MODE_BF16, MODE_F16, MODE_F32 };
+#define GROUP SF_GROUP
+#define INLINE SF_INLINE
+enum { MODE_DOT_BF16 = SF_MODE_DOT_BF16, MODE_BF16 = SF_MODE_BF16, MODE_F16 = SF_MODE_F16, MODE_F32 = SF_MODE_F32 };
 
 /* Multiply the 32 columns under mask m (values at *src, advanced past them) with x[b][0..32) for
  * nb rows of x (row stride xs elements), adding into acc0[b] (and acc1[b], for two-vector modes). */
@@ -185,24 +172,7 @@ AVX512_TARGET INLINE void step32(int mode, const char **src, __mmask32 m, const 
     }
     __m512i w = _mm512_maskz_expandloadu_epi16(m, *src); /* 32 x 16-bit, zeros at clear bits */
     *src += 2 * _mm_popcnt_u32(m);
-    if (mode == MODE_DOT_BF16) {
-        for (int b = 0; b < nb; b++)
-            acc0[b] = _mm512_dpbf16_ps(acc0[b], (__m512bh)w, (__m512bh)_mm512_loadu_si512((const uint16_t *)x + b * xs));
-        return;
-    }
-    __m512 w0, w1;
-    if (mode == MODE_BF16) {
-        const __m512i zero = _mm512_setzero_si512();
-        w0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, w));
-        w1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, w));
-    } else {
-        w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(w));
-        w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w, 1));
-    }
-    for (int b = 0; b < nb; b++) {
-        acc0[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps((const float *)x + b * xs), acc0[b]);
-        acc1[b] = _mm512_fmadd_ps(w1, _mm512_loadu_ps((const float *)x + b * xs + 16), acc1[b]);
-    }
+    sf_mul32(mode, w, x, xs, nb, acc0, acc1);
 }
 
 /* acc[b] = W[row] . x[b] for nb <= GROUP rows of the padded x (element size xe, stride xs). */
@@ -217,13 +187,7 @@ AVX512_TARGET INLINE void row_group(int mode, const char *src, const uint8_t *ma
         step32(mode, &src, (__mmask32)m, x + j * xe, xs, nb, a0, a1);
         step32(mode, &src, (__mmask32)(m >> 32), x + (j + 32) * xe, xs, nb, a1, a0);
     }
-    for (; j < cols; j += 32) {
-        int64_t n = cols - j < 32 ? cols - j : 32;
-        __mmask32 m = 0;
-        memcpy(&m, mask + j / 8, (size_t)((n + 7) / 8));
-        if (n < 32) m &= (__mmask32)((1u << n) - 1);
-        step32(mode, &src, m, x + j * xe, xs, nb, a0, a1);
-    }
+    for (; j < cols; j += 32) step32(mode, &src, sf_mask32(mask, j, cols), x + j * xe, xs, nb, a0, a1);
     for (int b = 0; b < nb; b++) acc[b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
 }
 
@@ -274,7 +238,33 @@ static int64_t matvec_avx512(const sf_quant *q, int dtype, int64_t rows, int64_t
         }
     }
     const row_group_fn *fns = g_row_groups[mode];
+    sf_qrow_fn qfns[GROUP] = {NULL}; /* quantized values dequantized inside the loop (matvec_q.c) */
+    for (int nb = 1; q && nb <= GROUP; nb++) qfns[nb - 1] = sf_pick_qrow(q->qbits, mode, nb);
     int64_t bad = -1;
+    if (qfns[0]) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const uint8_t *m = bitmask + r * mask_stride;
+            int64_t start, end = nnz, gstart;
+            int ok = sf_row_span(r, rows, cols, nnz, m, row_offsets, &start);
+            if (r + 1 < rows) memcpy(&end, row_offsets + r + 1, 8);
+            if (!ok || !sf_quant_row_ok(q, r, start, end - start)) {
+                for (int64_t b = 0; b < batch; b++) y[b * rows + r] = 0.0f;
+#pragma omp atomic write
+                bad = r;
+                continue;
+            }
+            memcpy(&gstart, q->group_offsets + r, 8);
+            for (int64_t b0 = 0; b0 < batch; b0 += GROUP) {
+                int nb = batch - b0 < GROUP ? (int)(batch - b0) : GROUP;
+                float acc[GROUP];
+                qfns[nb - 1](q, start, gstart, m, cols, xp + b0 * xs * xe, xs, acc);
+                for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = acc[b];
+            }
+        }
+        free(xp);
+        return bad;
+    }
 #pragma omp parallel num_threads(nt)
     {
         char *scratch = q ? malloc((size_t)(cols * es) + 64) : NULL; /* one dequantized row */

@@ -70,7 +70,8 @@ static PyObject *py_matvec(PyObject *self, PyObject *args) {
 
 /* The quantized-values description shared by decompress_q and matvec_q. */
 static int parse_quant(int qbits, unsigned long long codes, unsigned long long scales, unsigned long long zeros,
-                       unsigned long long group_offsets, long long group_size, long long nscales, sf_quant *q) {
+                       unsigned long long group_offsets, long long group_size, long long nscales, long long nnz,
+                       sf_quant *q) {
     if (qbits != 8 && qbits != 4) {
         PyErr_Format(PyExc_ValueError, "qbits %d not 8 or 4", qbits);
         return 0;
@@ -87,6 +88,7 @@ static int parse_quant(int qbits, unsigned long long codes, unsigned long long s
     q->group_offsets = (const int64_t *)(uintptr_t)group_offsets;
     q->group_size = group_size;
     q->nscales = nscales;
+    q->ncodes = qbits == 8 ? nnz : (nnz + 1) / 2;
     return 1;
 }
 
@@ -103,7 +105,7 @@ static PyObject *py_decompress_q(PyObject *self, PyObject *args) {
     if (!check_path(path)) return NULL;
     if (out_dtype < SF_F32 || out_dtype > SF_F16) return PyErr_Format(PyExc_ValueError, "dtype code %d unknown", out_dtype);
     sf_quant q;
-    if (!parse_quant(qbits, codes, scales, zeros, group_offsets, group_size, nscales, &q)) return NULL;
+    if (!parse_quant(qbits, codes, scales, zeros, group_offsets, group_size, nscales, nnz, &q)) return NULL;
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = sf_decompress_q(path, &q, out_dtype, rows, cols, nnz, (const uint8_t *)(uintptr_t)bitmask,
@@ -127,7 +129,7 @@ static PyObject *py_matvec_q(PyObject *self, PyObject *args) {
     if (out_dtype < SF_F32 || out_dtype > SF_F16) return PyErr_Format(PyExc_ValueError, "dtype code %d unknown", out_dtype);
     if (x_dtype != SF_F32 && x_dtype != SF_BF16) return PyErr_Format(PyExc_ValueError, "x dtype code %d", x_dtype);
     sf_quant q;
-    if (!parse_quant(qbits, codes, scales, zeros, group_offsets, group_size, nscales, &q)) return NULL;
+    if (!parse_quant(qbits, codes, scales, zeros, group_offsets, group_size, nscales, nnz, &q)) return NULL;
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = sf_matvec_q(path, &q, out_dtype, rows, cols, nnz, (const uint8_t *)(uintptr_t)bitmask,

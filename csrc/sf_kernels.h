@@ -60,6 +60,7 @@ typedef struct {
     const int64_t *group_offsets; /* [rows]: index in scales of each row's first group */
     int64_t group_size;           /* >= 1 (cols for one group per row) */
     int64_t nscales;
+    int64_t ncodes;               /* bytes of codes (set by the matvec from nnz; bounds every read of codes) */
 } sf_quant;
 
 /* out[rows, cols] of out_dtype (SF_F32/SF_BF16/SF_F16) = the dequantized decode; returns -1 or a bad row
@@ -67,7 +68,9 @@ typedef struct {
 int64_t sf_decompress_q(int path, const sf_quant *q, int out_dtype, int64_t rows, int64_t cols, int64_t nnz,
                         const uint8_t *bitmask, const int64_t *row_offsets, void *out, int threads);
 
-/* sf_matvec with quantized values dequantized (to out_dtype, one row at a time) before the multiply. */
+/* sf_matvec with quantized values: on the AVX-512 path, dequantized inside the expand + multiply loop
+ * (matvec_q.c) for bf16 / fp16 out_dtype; otherwise each row is dequantized into a scratch row first.
+ * Either way each weight is (code - zero) * scale rounded to out_dtype, as the reference decodes it. */
 int64_t sf_matvec_q(int path, const sf_quant *q, int out_dtype, int64_t rows, int64_t cols, int64_t nnz,
                     const uint8_t *bitmask, const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch,
                     float *y, int threads);

@@ -159,9 +159,19 @@ def test_decode_time_runs_from_prefill_end_to_last_pass_without_cache_emptying()
 def test_ceilings_measure_something(tmp_path):
     f = tmp_path / "blob"
     f.write_bytes(torch.randint(0, 255, (3 << 20,), dtype=torch.uint8).numpy().tobytes())
-    d = disk_read_gbps([tmp_path], block=1 << 20)
+    d = disk_read_gbps([tmp_path], block=1 << 20, depths=(1,), chunks=(1 << 20,))
     assert d["bytes"] == 3 << 20 and d["GBps"] > 0
     assert memory_gbps(nbytes=8 << 20, reps=2)["GBps"] > 0
+
+
+def test_disk_ceiling_is_the_best_of_every_queue_depth_and_request_size(tmp_path):
+    (tmp_path / "blob").write_bytes(torch.randint(0, 255, (4 << 20,), dtype=torch.uint8).numpy().tobytes())
+    d = disk_read_gbps([tmp_path], max_bytes=8 << 20, block=1 << 20, depths=(1, 4), chunks=(64 << 10, 1 << 20, 2 << 20))
+    # a chunk larger than the block is never a request size
+    assert [(e["depth"], e["chunk"]) for e in d["sweep"]] == [(1, 64 << 10), (1, 1 << 20), (4, 64 << 10), (4, 1 << 20)]
+    best = max(d["sweep"], key=lambda e: e["GBps"])
+    assert d["GBps"] == best["GBps"] > 0 and (d["depth"], d["chunk"]) == (best["depth"], best["chunk"])
+    assert d["bytes"] == 2 << 20  # each pair reads its share, past the previous pair's bytes (wrapping around)
 
 
 def test_sweep_plot(tmp_path):

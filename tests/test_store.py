@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
+import sparseferry.io as sf_io
 from sparseferry.validate import seal
 from sparseferry.format import BitmapTensor, encode
 from sparseferry.io import FileReader, aligned_empty, buffer_size_for
@@ -259,6 +262,39 @@ def test_a_reused_reader_reads_any_range_of_its_file(tmp_path):
         with pytest.raises(OSError, match="truncated"):
             r.read_range(0, 12801, buf)
 
+
+
+def test_a_parallel_direct_read_returns_the_same_bytes_with_depth_requests_in_flight(tmp_path, monkeypatch):
+    """A read larger than one chunk is split into aligned chunks read concurrently (never more than
+    `depth` at once); the bytes, the end-of-file tail and the truncation error are the single read's."""
+    path = tmp_path / "bytes"
+    payload = torch.randint(0, 256, (10 * 4096 + 123,), dtype=torch.uint8).numpy().tobytes()
+    path.write_bytes(payload)
+    buf = aligned_empty(buffer_size_for(0, len(payload)))
+    in_flight, peak, lock = [0], [0], threading.Lock()
+    single = sf_io._readinto_all
+
+    def counting(fd, mv, offset):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.02)
+        try:
+            return single(fd, mv, offset)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(sf_io, "_readinto_all", counting)
+    with FileReader(path, direct=True, depth=3, chunk=4096) as r:
+        for start, end in [(0, len(payload)), (1, 4097), (4095, 3 * 4096 + 1), (5000, len(payload)), (0, 1)]:
+            assert r.read_range(start, end, buf).numpy().tobytes() == payload[start:end], (start, end)
+        with pytest.raises(OSError, match="truncated"):
+            r.read_range(0, len(payload) + 1, buf)
+    if r.direct:  # O_DIRECT refused (tmpfs): one buffered read, nothing to split
+        assert 2 <= peak[0] <= 3
+    with pytest.raises(ValueError, match="chunk"):
+        FileReader(path, depth=2, chunk=1000)
 
 # ----------------------------------------------------------------------------------------------
 # Writing never leaves a half checkpoint

@@ -237,6 +237,7 @@ def bench(model_dir=None, *, out, budget="30%", storage: str = "disk", arch: str
 
     machine = {"disk_read_GBps": disk["GBps"], "disk_read_direct": disk["direct"], "mem_GBps": mem["GBps"],
                "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())}
+    machine.update(disk_read_depth=disk["depth"], disk_read_chunk=disk["chunk"], disk_read_sweep=disk["sweep"])
     setup = {"model_dir": str(model_dir), "dense_dir": str(sources["unpruned"]) if sources["unpruned"] else None,
              "synthetic": synthetic, "dense_weight_bytes": dense_bytes, "budget": str(budget), "budget_bytes": budget_bytes,
              "storage": storage, "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,

@@ -84,7 +84,9 @@ def render_table(results: dict) -> str:
         f"Budget {s['budget']} = {s['budget_bytes'] / 1e9:.3f} GB of {s['dense_weight_bytes'] / 1e9:.3f} GB dense weights, "
         f"storage {s['storage']}, batch {s['batch']}, prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new tokens, "
         f"{s['dtype']}, median of {s['reps']} repetitions.",
-        f"Machine: disk read {m['disk_read_GBps']:.2f} GB/s (O_DIRECT {'yes' if m['disk_read_direct'] else 'no'}), "
+        f"Machine: disk read {m['disk_read_GBps']:.2f} GB/s (O_DIRECT {'yes' if m['disk_read_direct'] else 'no'}"
+        + (f", best of {len(m['disk_read_sweep'])} queue depths x request sizes: {m['disk_read_depth']} in flight,"
+           f" {m['disk_read_chunk'] >> 10} KiB" if m.get("disk_read_sweep") else "") + "), "
         f"memory {m['mem_GBps']:.1f} GB/s, {m['cpu_count']} CPUs, load average {m['load_average'][0]:.2f}.",
         "",
         head,

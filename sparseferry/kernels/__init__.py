@@ -12,7 +12,8 @@ CUDA: Triton (`triton_kernels.py`), or the torch reference if triton is not inst
 Every path is bit-exact to `format.decode` (decompress); the fused matmul accumulates in fp32.
 Quantized matrices (`format.QuantBitmapTensor`, int8 / int4 values) go through the same API: every
 path dequantizes while it decompresses (one pass, no dense intermediate), bit-exact to the
-reference `quant.decode_quant`; the fused CPU matvec dequantizes each row into a scratch row first.
+reference `quant.decode_quant`; the fused CPU matvec dequantizes inside its multiply loop (AVX-512;
+other paths and fp32 values: into a scratch row first).
 """
 from __future__ import annotations
 
