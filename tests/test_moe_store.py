@@ -10,6 +10,7 @@ import torch
 from sparseferry.format import BitmapTensor, QuantBitmapTensor, decode
 from sparseferry.io import aligned_empty, buffer_size_for
 from sparseferry.quant import decode_quant
+from sparseferry.validate import seal
 from sparseferry.store import (
     CheckpointError,
     CheckpointWriter,
@@ -167,7 +168,7 @@ def _tamper(tmp_path, edit):
     mpath = tmp_path / "c" / "sparseferry.json"
     m = json.loads(mpath.read_text())
     edit(m)
-    mpath.write_text(json.dumps(m))
+    mpath.write_text(json.dumps(seal(m)))  # resealed: the structure checks, not the manifest digest, must refuse it
     return tmp_path / "c"
 
 
@@ -184,7 +185,7 @@ def _tamper(tmp_path, edit):
     (lambda m: m["files"][LAYER]["experts"][0].update(start=0), "malformed byte range"),
     (lambda m: m["files"][LAYER]["experts"][1].update(start=m["files"][LAYER]["experts"][1]["start"] + 8),
      "lies outside expert 1 of layer 0"),
-    (lambda m: m["tensors"]["m.layers.0.mlp.experts.down_proj"]["experts"][0].pop("parts"), "malformed entry"),
+    (lambda m: m["tensors"]["m.layers.0.mlp.experts.down_proj"]["experts"][0].pop("parts"), "expert 0: entry lacks .parts."),
 ])
 def test_malformed_expert_entries_are_refused_by_name(tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=message):

@@ -285,6 +285,7 @@ class ExpertCache:
                 self.slot_of[key], self.key_of[k] = k, key
                 if not demand:
                     self.stats.prefetches += 1
+                    self.fresh.add(key)  # a guess from now on, also while it is read: its use counts as predicted
             try:
                 views = self._fill(k, key)
             except BaseException as e:  # noqa: BLE001 - raised on the compute side
@@ -295,8 +296,6 @@ class ExpertCache:
             with self.cv:
                 if self.stop:
                     return
-                if not demand:
-                    self.fresh.add(key)
                 self.ready[k] = views
                 self.cv.notify_all()
 
