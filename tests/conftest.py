@@ -16,6 +16,7 @@ import contextlib
 import json
 import resource
 import signal
+import textwrap
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -237,3 +238,35 @@ def tiny_model(tmp_path):
         return make_tiny_model(arch, tmp_path, **kw)
 
     return make
+
+
+# Peak RSS of `sparseferry.load` + generate in a fresh process (argv: checkpoint folder, budget), as JSON.
+RSS_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    import sparseferry
+    from sparseferry.runtime import parse_budget
+    folder, budget = sys.argv[1], sys.argv[2]
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    torch.set_num_threads(1)
+    # Warm up torch/transformers code paths (one-time allocations) on a throwaway dense run.
+    warm = sparseferry.load(folder, memory_budget=budget)
+    with torch.no_grad():
+        warm.generate(torch.ones(1, 8, dtype=torch.long), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    warm.sparseferry.close(); del warm
+    import gc; gc.collect()
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    before = status("VmRSS:")
+    model = sparseferry.load(folder, memory_budget=budget, storage="disk")
+    with torch.no_grad():
+        model.generate(torch.ones(1, 8, dtype=torch.long), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    peak = status("VmHWM:")
+    total = model.sparseferry.ckpt.stored_bytes()
+    print(json.dumps({"before": before, "peak": peak, "budget": parse_budget(budget, total), "stored": total,
+                      "dense": model.sparseferry.ckpt.dense_bytes(), "plan": model.sparseferry.plan.summary()}))
+    model.sparseferry.close()
+""")

@@ -12,11 +12,11 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 
 import time
 
 import pytest
+from conftest import RSS_SCRIPT
 
 from sparseferry.runtime.placeholders import StreamedWeight
 import torch
@@ -272,36 +272,6 @@ def test_fp32_router_in_a_bf16_model(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(sm(ids).logits, ref, rtol=2e-2, atol=2e-2)
     sm.sparseferry.close()
-
-
-RSS_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
-    import sparseferry
-    from sparseferry.runtime import parse_budget
-    folder, budget = sys.argv[1], sys.argv[2]
-
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-
-    torch.set_num_threads(1)
-    warm = sparseferry.load(folder, memory_budget=budget)
-    with torch.no_grad():
-        warm.generate(torch.ones(1, 8, dtype=torch.long), max_new_tokens=4, do_sample=False, pad_token_id=0)
-    warm.sparseferry.close(); del warm
-    import gc; gc.collect()
-    open("/proc/self/clear_refs", "w").write("5")
-    before = status("VmRSS:")
-    model = sparseferry.load(folder, memory_budget=budget, storage="disk")
-    with torch.no_grad():
-        model.generate(torch.ones(1, 8, dtype=torch.long), max_new_tokens=8, do_sample=False, pad_token_id=0)
-    peak = status("VmHWM:")
-    total = model.sparseferry.ckpt.stored_bytes()
-    print(json.dumps({"before": before, "peak": peak, "budget": parse_budget(budget, total),
-                      "dense": model.sparseferry.ckpt.dense_bytes(), "plan": model.sparseferry.plan.summary()}))
-    model.sparseferry.close()
-""")
 
 
 def test_peak_rss_stays_under_budget_plus_allowance(tmp_path):
