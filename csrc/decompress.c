@@ -221,6 +221,7 @@ void sf_init_tables(void) {
             }
         }
     }
+    sf_init_avx2_tables();
     g_tables_ready = 1;
 }
 

@@ -303,6 +303,8 @@ static int64_t matvec_any(int path, const sf_quant *q, int dtype, int64_t rows, 
     /* Work scales with the bytes of W read, not the output size. */
     int nt = sf_threads_for(threads, rows, rows * cols * es / 2);
 #if SF_X86
+    if (path == SF_PATH_AVX2 && dtype != SF_F32)
+        return sf_matvec_avx2(q, dtype, rows, cols, vals, nnz, bitmask, row_offsets, x, x_dtype, batch, y, nt);
     if (path == SF_PATH_AVX512)
         return matvec_avx512(q, dtype, rows, cols, vals, bitmask, row_offsets, nnz, x, x_dtype, batch, y, nt);
 #endif

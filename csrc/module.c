@@ -68,6 +68,25 @@ static PyObject *py_matvec(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(bad);
 }
 
+static PyObject *py_matvec_dense(PyObject *self, PyObject *args) {
+    (void)self;
+    int path, dtype, x_dtype, threads;
+    long long rows, cols, batch;
+    unsigned long long w, x, y;
+    if (!PyArg_ParseTuple(args, "iiLLKKiLKi", &path, &dtype, &rows, &cols, &w, &x, &x_dtype, &batch, &y, &threads))
+        return NULL;
+    if (!check_path(path)) return NULL;
+    if (dtype < SF_F32 || dtype > SF_F16) return PyErr_Format(PyExc_ValueError, "dtype code %d unknown", dtype);
+    if (x_dtype != SF_F32 && x_dtype != SF_BF16) return PyErr_Format(PyExc_ValueError, "x dtype code %d", x_dtype);
+    int64_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = sf_matvec_dense(path, dtype, rows, cols, (const void *)(uintptr_t)w, (const void *)(uintptr_t)x, x_dtype,
+                          batch, (float *)(uintptr_t)y, threads < 1 ? 1 : threads);
+    Py_END_ALLOW_THREADS
+    if (bad == -2) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* The quantized-values description shared by decompress_q and matvec_q. */
 static int parse_quant(int qbits, unsigned long long codes, unsigned long long scales, unsigned long long zeros,
                        unsigned long long group_offsets, long long group_size, long long nscales, long long nnz,
@@ -144,6 +163,7 @@ static PyMethodDef methods[] = {
     {"supported_paths", py_supported_paths, METH_NOARGS, "Bit set of runnable paths: 1<<0 c, 1<<1 avx2, 1<<2 avx512."},
     {"decompress", py_decompress, METH_VARARGS, "Bitmap -> dense; returns -1 or the index of an inconsistent row."},
     {"matvec", py_matvec, METH_VARARGS, "y = x @ W.T from the bitmap; returns -1 or an inconsistent row."},
+    {"matvec_dense", py_matvec_dense, METH_VARARGS, "y = x @ W.T for a dense row-major W (fp32 accumulation)."},
     {"decompress_q", py_decompress_q, METH_VARARGS, "Quantized bitmap -> dense, dequantizing; -1 or a bad row."},
     {"matvec_q", py_matvec_q, METH_VARARGS, "y = x @ W.T from a quantized bitmap; -1 or a bad row."},
     {NULL, NULL, 0, NULL},

@@ -47,12 +47,26 @@ int64_t sf_matvec(int path, int dtype, int64_t rows, int64_t cols, const void *v
                   const uint8_t *bitmask, const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch,
                   float *y, int threads);
 
+/* The AVX2 fused matvec of bf16 / fp16 values (matvec_avx2.c), called by sf_matvec(_q) on that path;
+ * quantized values (q != NULL) are dequantized one row at a time into a scratch row first. */
+struct sf_quant_;
+int64_t sf_matvec_avx2(const struct sf_quant_ *q, int dtype, int64_t rows, int64_t cols, const void *values, int64_t nnz,
+                       const uint8_t *bitmask, const int64_t *row_offsets, const void *x, int x_dtype,
+                       int64_t batch, float *y, int nt);
+/* Its tables (called by sf_init_tables). */
+void sf_init_avx2_tables(void);
+
+/* y[batch, rows] (fp32) = x[batch, cols] @ W.T for a dense row-major W[rows, cols] of `dtype`
+ * (matvec_avx2.c: AVX2 on any x86 path, portable C otherwise). Returns -1, or -2 if out of memory. */
+int64_t sf_matvec_dense(int path, int dtype, int64_t rows, int64_t cols, const void *w, const void *x, int x_dtype,
+                        int64_t batch, float *y, int threads);
+
 /* ---- quantized values (docs/FORMAT.md, section 1b; dequant.c) ---- */
 
 /* The quantized values of one matrix. Value i of row r (first value s) is in group
  * group_offsets[r] + (i - s) / group_size; it dequantizes to (code(i) - zeros[g]) * scales[g],
  * code(i) = (int8)codes[i] (qbits 8, zeros NULL) or nibble i & 1 (low first) of codes[i / 2] (qbits 4). */
-typedef struct {
+typedef struct sf_quant_ {
     int qbits;                    /* 8 or 4 */
     const uint8_t *codes;         /* int8 [nnz] or uint8 [ceil(nnz / 2)] */
     const uint16_t *scales;       /* fp16 [nscales] */

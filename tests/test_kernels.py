@@ -282,6 +282,58 @@ def test_sparse_matmul_rejects_mismatched_inputs():
         K.sparse_matmul(torch.ones(1, 16), bt, torch.ones(5))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dense_matvec_matches_fp32_reference_within_accumulation_error(native_path, dtype):
+    """The dense kernel (output head, dense weights) over shapes with partial 16-column blocks, every batch."""
+    for rows, cols in [(1, 1), (7, 17), (17, 63), (65, 64), (3, BLOCK_COLS + 1), (9, 2 * BLOCK_COLS + 33)]:
+        w = torch.randn(rows, cols).to(dtype)
+        for xdtype in (torch.bfloat16, torch.float32):
+            for batch in (1, 3, 5, 9):
+                x = torch.randn(batch, cols).to(xdtype)
+                got = native.matvec_dense(x, w, path=native_path, threads=2)
+                want = x.float() @ w.float().T
+                assert got.dtype == torch.float32 and got.shape == (batch, rows)
+                assert ((got - want).abs() <= fp32_error_bound(x, w)).all(), (rows, cols, xdtype, batch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dense_matmul_is_linear_with_one_rounding_and_falls_back_beyond_its_cases(path, dtype):
+    w, bias = torch.randn(33, 70).to(dtype), torch.randn(33).to(dtype)
+    for lead in [(1,), (2, 2), (K.MATVEC_MAX_BATCH,)]:  # also a strided slice of x, as transformers hands the head
+        x = torch.randn(*lead[:-1], lead[-1] + 1, 70).to(dtype)[..., 1:, :]
+        got = K.dense_matmul(x, w, bias)
+        if path == "torch":  # no native kernel: torch's linear, whatever its own rounding
+            assert torch.equal(got, torch.nn.functional.linear(x, w, bias))
+            continue
+        want = x.float() @ w.float().T + bias.float()
+        tol = fp32_error_bound(x.reshape(-1, 70), w).reshape(want.shape) + 2 * torch.finfo(dtype).eps * want.abs()
+        assert got.dtype == dtype and got.shape == want.shape and ((got.float() - want).abs() <= tol).all()
+    x = torch.randn(3, 3, 70).to(dtype)  # 9 rows: beyond the fused kernel's batch, torch's linear itself
+    assert torch.equal(K.dense_matmul(x, w, bias), torch.nn.functional.linear(x, w, bias))
+    # a transposed (non-contiguous) weight: torch's own linear, same numbers
+    wt = torch.randn(70, 33).to(dtype).T
+    x = torch.randn(1, 70).to(dtype)
+    torch.testing.assert_close(K.dense_matmul(x, wt), torch.nn.functional.linear(x, wt))
+
+
+def test_dense_matmul_never_reads_a_tensor_subclass_such_as_a_streamed_placeholder():
+    class Opaque(torch.Tensor):
+        pass
+
+    w = torch.randn(4, 8).as_subclass(Opaque)
+    calls = []
+
+    def linear(x, w, b=None):
+        calls.append(type(w))
+        return torch.zeros(1, 4)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(torch.nn.functional, "linear", linear):
+        K.dense_matmul(torch.ones(1, 8), w)
+    assert calls == [Opaque]
+
+
 def test_matvec_max_batch_is_a_small_positive_constant():
     assert isinstance(K.MATVEC_MAX_BATCH, int) and 1 <= K.MATVEC_MAX_BATCH <= 64
 

@@ -2,6 +2,7 @@
 
     decompress(bt, out=None, *, threads=None) -> dense [rows, cols]
     sparse_matmul(x, bt, bias=None, *, threads=None) -> x @ W.T (+ bias)
+    dense_matmul(x, w, bias=None, *, threads=None) -> x @ w.T (+ bias) for a plain dense w
     kernel_path(device="cpu") -> "avx512" | "avx2" | "c" | "torch" | "triton"
     MATVEC_MAX_BATCH: largest number of rows of x for which sparse_matmul uses the fused kernel
 
@@ -27,7 +28,7 @@ from ..format import VALUE_DTYPES, BitmapTensor, decode
 from . import native
 from .native import KernelError
 
-__all__ = ["MATVEC_MAX_BATCH", "KernelError", "decompress", "kernel_path", "sparse_matmul"]
+__all__ = ["MATVEC_MAX_BATCH", "KernelError", "decompress", "dense_matmul", "kernel_path", "sparse_matmul"]
 
 ENV_VAR = "SPARSEFERRY_KERNEL"
 CPU_PATHS = ("avx512", "avx2", "c", "torch")
@@ -148,3 +149,30 @@ def sparse_matmul(x: torch.Tensor, bt: BitmapTensor, bias: torch.Tensor | None =
     dt = torch.promote_types(x.dtype, w.dtype)  # never round W (or x) to a narrower dtype
     y = torch.nn.functional.linear(x.to(dt), w.to(dt), None if bias is None else bias.to(dt))
     return y.to(x.dtype)
+
+
+def dense_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 threads: int | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias) for a plain dense w [rows, cols], like torch.nn.functional.linear.
+
+    On CPU with a native path, at most MATVEC_MAX_BATCH rows of x and a contiguous bf16/fp16/fp32 w
+    of x's dtype: the native dense matvec (one pass over w, fp32 accumulation, one rounding to x's
+    dtype), which reads w at the machine's memory bandwidth where torch's small-batch bf16 GEMM on
+    CPUs without AVX512_BF16 does not. Anything else (and any tensor subclass, e.g. a placeholder
+    of a streamed weight) goes to torch.nn.functional.linear unchanged.
+    """
+    lead = x.shape[:-1]
+    batch = math.prod(lead)
+    native_ok = (
+        type(w) in (torch.Tensor, torch.nn.Parameter) and w.dim() == 2 and w.is_contiguous()
+        and w.device.type == "cpu" and x.device.type == "cpu" and x.shape[-1:] == w.shape[1:]
+        and w.dtype == x.dtype and x.dtype in VALUE_DTYPES and 0 < batch <= MATVEC_MAX_BATCH
+        and not (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad))
+        and (bias is None or (bias.device.type == "cpu" and tuple(bias.shape) == (w.shape[0],)))
+    )
+    if native_ok and kernel_path("cpu") in native.PATHS:
+        y = native.matvec_dense(x.reshape(batch, x.shape[-1]), w, path=kernel_path("cpu"), threads=_threads(threads))
+        if bias is not None:
+            y += bias.float()
+        return y.to(x.dtype).reshape(*lead, w.shape[0])
+    return torch.nn.functional.linear(x, w, bias)

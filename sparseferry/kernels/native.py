@@ -142,3 +142,21 @@ def matvec(x: torch.Tensor, bt: BitmapTensor, *, path: str, threads: int) -> tor
         if bad >= 0:
             _raise_bad_row(bt, bad)
     return y
+
+
+def matvec_dense(x: torch.Tensor, w: torch.Tensor, *, path: str, threads: int) -> torch.Tensor:
+    """y = x @ w.T for x [batch, cols] and a dense w [rows, cols] (fp32/bf16/fp16, CPU): fp32 [batch, rows]."""
+    if w.dim() != 2 or w.dtype not in _DTYPE_CODES or w.device.type != "cpu" or not w.is_contiguous():
+        raise KernelError(f"matvec_dense: w is {w.dtype} {list(w.shape)} on {w.device}, expected a contiguous 2-D CPU matrix")
+    rows, cols = w.shape
+    x = (x if x.dtype == torch.bfloat16 else x.to(torch.float32)).contiguous()
+    if x.dim() != 2 or x.shape[1] != cols or x.device.type != "cpu":
+        raise KernelError(f"matvec_dense: x is {list(x.shape)} on {x.device}, expected [batch, {cols}] on the CPU")
+    batch = x.shape[0]
+    y = torch.empty(batch, rows, dtype=torch.float32)
+    if batch and rows and cols:
+        _native.matvec_dense(PATHS[path], _DTYPE_CODES[w.dtype], rows, cols, w.data_ptr(), x.data_ptr(),
+                             _DTYPE_CODES[x.dtype], batch, y.data_ptr(), threads)
+    elif batch and rows:
+        y.zero_()
+    return y

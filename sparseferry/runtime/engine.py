@@ -81,12 +81,25 @@ def _bitmap_forward(self: nn.Module, *args, **kwargs):
     return self._sf_forward(*args, **kwargs)
 
 
+def _dense_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """forward of a CPU nn.Linear holding a plain dense weight: at small batch the native dense
+    matvec (`kernels.dense_matmul`, one pass over the weight at memory bandwidth), else torch's."""
+    from ..kernels import dense_matmul
+
+    return dense_matmul(x, self.weight, self.bias)
+
+
 def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The output head on 2-D rows. transformers gives it `hidden[:, -k:, :]`, a 3-D strided slice;
     torch's matmul then cannot fold the batch into one GEMM and copies the (transposed) weight once
     per sequence: B x 125 MiB for a 32000 x 2048 bf16 head, beyond any budget. As [B*k, H] rows
-    (a copy of B*k rows) it is one GEMM reading the weight in place; same result."""
-    y = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+    (a copy of B*k rows) it is one GEMM reading the weight in place; same result. On the CPU, a few
+    rows go through the native dense matvec (`kernels.dense_matmul`)."""
+    from ..kernels import dense_matmul
+
+    rows = x.reshape(-1, x.shape[-1])
+    y = dense_matmul(rows, self.weight, self.bias) if x.device.type == "cpu" else \
+        torch.nn.functional.linear(rows, self.weight, self.bias)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -144,12 +157,21 @@ class StreamingEngine:
         _LIVE.add(self)
         self.scratch = None
         self.closed = False
+        if device.type == "cpu":
+            self._patch_dense_linears()
         if self.pipeline is not None and self.pipeline.mode == "views":
             self._patch_bitmap_modules()
         if self.experts is not None:
             self.experts.scratch = self.scratch
         placeholders.install(self)
         self._install_hooks()
+
+    def _patch_dense_linears(self) -> None:
+        """CPU: every plain nn.Linear multiplies a few rows with the native dense matvec (the head has its own)."""
+        head = self.model.get_output_embeddings()
+        for mod in self.model.modules():
+            if type(mod) is nn.Linear and mod is not head and "forward" not in mod.__dict__:
+                mod.forward = types.MethodType(_dense_forward, mod)
 
     def _patch_bitmap_modules(self) -> None:
         """CPU: modules whose weight is bitmap-encoded in a streamed layer compute from it directly."""
