@@ -182,22 +182,27 @@ def _cmd_bench(a) -> int:
     from .bench import bench, sweep
     from .bench.report import render_table
 
-    common = dict(out=a.out, storage=a.storage, arch=a.arch, params=a.params, seed=a.seed, vocab=a.vocab, batch=a.batch,
+    common = dict(out=a.out, arch=a.arch, params=a.params, seed=a.seed, vocab=a.vocab, batch=a.batch,
                   prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, warmup=a.warmup, reps=a.reps, threads=a.threads,
                   workdir=a.workdir, progress=not a.quiet)
     if a.sweep_sparsity or a.sweep_budget:
         if a.model_dir:
             raise SparseferryError("a sweep runs on synthetic models: drop MODEL_DIR or the --sweep-* flags")
-        doc = sweep(sparsities=a.sweep_sparsity or str(a.sparsity), budgets=a.sweep_budget or a.budget, **common)
+        if a.scenario != "disk" or a.llama_cpp:
+            raise SparseferryError("a sweep runs the disk scenario without llama.cpp: drop --scenario / --llama-cpp")
+        doc = sweep(sparsities=a.sweep_sparsity or str(a.sparsity), budgets=a.sweep_budget or a.budget or "30%",
+                    storage=a.storage or "disk", **common)
         for p in doc["points"]:
             print(f"sparsity {p['sparsity']:g}, budget {p['budget']}: {p['speedup_vs_accelerate'] or 0:.2f}x vs Accelerate "
                   f"({p['decode_s_per_token'] * 1e3:.0f} ms/token)")
         print(f"wrote {a.out}/sweep.json" + (" and sweep.png" if (Path(a.out) / "sweep.png").exists() else ""))
         return 0
-    from .bench import SYSTEMS, select_systems
+    from .bench import select_systems
 
-    systems = select_systems(a.systems) if a.systems else SYSTEMS
-    res = bench(a.model_dir, budget=a.budget, sparsity=a.sparsity, dense_dir=a.dense_dir, systems=systems, **common)
+    systems = select_systems(a.systems) if a.systems else None
+    res = bench(a.model_dir, budget=a.budget, storage=a.storage, scenario=a.scenario, sparsity=a.sparsity,
+                dense_dir=a.dense_dir, systems=systems, llama_cpp=a.llama_cpp, llama_cpp_src=a.llama_cpp_src,
+                cgroup_slack=int(a.cgroup_slack * 1e9), **common)
     print(json.dumps(res, indent=1) if a.json else render_table(res))
     print(f"wrote {a.out}/results.json, results.md" + (", results.png" if (Path(a.out) / "results.png").exists() else ""),
           file=sys.stderr)
@@ -364,8 +369,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark sparseferry against Accelerate offloading and this machine's physical bound")
     p.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
                    help="HuggingFace folder of a pruned model stored densely (default: a synthetic model)")
-    p.add_argument("--budget", default="30%", help="memory budget: share of the dense weights ('30%%', default) or a size ('2GiB')")
-    p.add_argument("--storage", choices=["disk", "host"], default="disk", help="where offloaded weights live (default disk)")
+    p.add_argument("--scenario", choices=["disk", "cgroup", "ram"], default="disk",
+                   help="disk: streamed weights read from the disk, no memory limit (default); cgroup: RAM smaller than "
+                        "the model, every system in a memory cgroup of budget + its idle footprint + slack, page cache "
+                        "charged (needs root); ram: everything resident (transformers dense, sparseferry --budget 100%%, llama.cpp)")
+    p.add_argument("--budget", default=None,
+                   help="memory budget: share of the dense weights or a size ('2GiB'); default 30%%, 100%% with --scenario ram")
+    p.add_argument("--storage", choices=["disk", "host"], default=None,
+                   help="where offloaded weights live (default disk; cgroup: disk, ram: host)")
+    p.add_argument("--llama-cpp", default=None, metavar="DIR",
+                   help="llama.cpp build folder or its bin/ (llama-bench, llama-quantize): adds llama.cpp-bf16/-q8_0/-q4_0 "
+                        "rows in the cgroup and ram scenarios (benchmarks/build_llama_cpp.sh builds one)")
+    p.add_argument("--llama-cpp-src", default=None, metavar="DIR",
+                   help="llama.cpp source tree with convert_hf_to_gguf.py and gguf-py (default: found near --llama-cpp)")
+    p.add_argument("--cgroup-slack", type=float, default=0.3, metavar="GB",
+                   help="added to every system's cgroup limit in the cgroup scenario (default 0.3 GB)")
     p.add_argument("--out", default="results", help="folder for results.json, results.md, results.png (default results/)")
     p.add_argument("--workdir", default=None, help="models, checkpoints and logs (default OUT/work)")
     p.add_argument("--dense-dir", default=None, help="the unpruned twin of MODEL_DIR (for sparseferry-dense)")
@@ -384,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-budget", default=None, metavar="B1,B2,...", help="sweep budgets, e.g. 20%%,30%%,50%%")
     p.add_argument("--json", action="store_true", help="print results.json instead of the table")
     p.add_argument("--systems", default=None, metavar="S1,S2,...",
-                   help="run only these systems (default all: accelerate, sparseferry-dense, sparseferry-bitmap, "
-                        "sparseferry-bitmap-int8, sparseferry-bitmap-int4)")
+                   help="run only these systems (default: the scenario's: accelerate, sparseferry-dense, sparseferry-bitmap, "
+                        "sparseferry-bitmap-int8, sparseferry-bitmap-int4; cgroup adds the llama.cpp rows; ram: transformers, "
+                        "the three bitmap systems, the llama.cpp rows)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_cmd_bench)
 

@@ -11,7 +11,8 @@ from sparseferry.bench.llama_cpp import LlamaCppError, find_converter, find_tool
 def test_decode_time_comes_from_the_generation_record_and_prompt_rate_from_the_prompt_record():
     records = [{"n_prompt": 32, "n_gen": 0, "avg_ts": 400.0, "avg_ns": 8e7},
                {"n_prompt": 0, "n_gen": 16, "avg_ts": 20.0, "avg_ns": 8e8}]
-    assert parse_llama_bench(json.dumps(records)) == {"decode_ms_per_token": 50.0, "prompt_tokens_per_s": 400.0}
+    assert parse_llama_bench(json.dumps(records)) == {"decode_ms_per_token": 50.0, "prompt_tokens_per_s": 400.0,
+                                                      "decode_samples_ms": []}
 
 
 @pytest.mark.parametrize("text,message", [

@@ -13,7 +13,9 @@ as on a machine whose RAM cannot hold the model. The figures recorded next to th
 share Accelerate really kept in RAM.
 
 Spec keys: model_dir, budget_bytes, offload_folder, dtype, prompt_ids, new_tokens, warmup, reps,
-pad_token_id, drop_each_pass, threads.
+pad_token_id, drop_each_pass, drop_each_rep, threads; `resident`: transformers alone with every weight
+in RAM (the in-RAM scenario's baseline, runner "transformers"); `idle`: load nothing, exit (the cgroup
+scenario's idle footprint).
 """
 from __future__ import annotations
 
@@ -72,16 +74,52 @@ def load_offloaded(model_dir, *, budget_bytes: int, offload_folder, dtype: torch
     return model, device_map, placed
 
 
+def idle(spec: dict) -> dict:
+    """Everything but the weights (the cgroup scenario's idle footprint): imports, config, the model on meta."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(spec["model_dir"])
+    with warnings.catch_warnings(), init_empty_weights():
+        warnings.simplefilter("ignore")
+        AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec["dtype"]])
+    return {"idle": True}
+
+
+def run_resident(spec: dict) -> dict:
+    """transformers alone, every weight in RAM (the in-RAM scenario's baseline): no device map, no offload."""
+    from transformers import AutoModelForCausalLM
+
+    event("load")
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=DTYPES[spec["dtype"]]).eval()
+    load_s = time.perf_counter() - t
+    res = measure(model, spec)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    res.update(load_s=load_s, weights_ram_bytes=nbytes, weights_disk_bytes=0)
+    return res
+
+
 def run(spec: dict) -> dict:
+    if spec.get("idle"):
+        return idle(spec)
+    if spec.get("resident"):
+        return run_resident(spec)
     event("load")
     t = time.perf_counter()
     model, device_map, placed = load_offloaded(spec["model_dir"], budget_bytes=spec["budget_bytes"],
                                                offload_folder=spec["offload_folder"], dtype=DTYPES[spec["dtype"]])
     load_s = time.perf_counter() - t
-    # storage "disk": the page cache of both folders is emptied before every pass; "host": never (the
-    # offloaded weights are then served from RAM by the page cache, Accelerate's nearest to a host tier)
-    drop = [spec["model_dir"], spec["offload_folder"]] if spec.get("drop_each_pass", True) else []
-    res = measure(model, spec, drop_paths=drop, drop_each_pass=bool(drop))
+    # drop_each_pass (disk scenario): the page cache of both folders is emptied before every pass;
+    # drop_each_rep alone (cgroup scenario): before every repetition, the memory limit evicts the rest;
+    # neither (host storage): the offloaded weights are served from RAM by the page cache, Accelerate's
+    # nearest to a host tier
+    each_pass = spec.get("drop_each_pass", True)
+    each_rep = spec.get("drop_each_rep", each_pass)
+    drop = [spec["model_dir"], spec["offload_folder"]] if each_pass or each_rep else []
+    res = measure(model, spec, drop_paths=drop, drop_each_pass=each_pass)
     res.update(load_s=load_s, weights_ram_bytes=placed["cpu"], weights_disk_bytes=placed["disk"],
                device_map_counts={d: sum(1 for v in device_map.values() if v == d) for d in set(device_map.values())})
     return res

@@ -112,6 +112,21 @@ class MemoryCgroup:
                 return int(v)
         return int((self.path / "memory.failcnt").read_text()) if self.version == 1 and (self.path / "memory.failcnt").exists() else 0
 
+    def prepare(self, limit: int | None) -> None:
+        """Set the limit (None: unlimited) and start a measurement: peak reset, OOM kills counted from now."""
+        self.set_limit(limit)
+        self._reset_peak()
+        self._kills = self.oom_kills()
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """`cmd` as a command that enters this cgroup, then execs (the pid stays the same; no preexec_fn,
+        so safe from a process with threads)."""
+        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"), *cmd]
+
+    def outcome(self) -> tuple[int, bool]:
+        """(peak charge since `prepare`, whether a process was OOM-killed since)."""
+        return self.peak(), self.oom_kills() > getattr(self, "_kills", 0)
+
     def run(self, cmd: list[str], *, limit: int | None, env=None, timeout: float = 1800) -> CgroupRun:
         """Run `cmd` inside the cgroup under `limit` bytes (None: unlimited); its peak and whether it was OOM-killed."""
         self.set_limit(limit)

@@ -4,14 +4,24 @@ Per system (all decode figures are medians over the repetitions; one "step" deco
 every sequence in the batch, so per-token figures are per-step figures divided by the batch):
 
     decode_s_per_token      1 / tokens_per_s
-    bytes_read_per_token    bytes the kernel fetched from storage per token (/proc/self/io)
+    bytes_read_per_token    bytes the kernel fetched from storage per token (/proc/self/io read_bytes of
+                            the worker; llama.cpp: its process's read_bytes, see llama_cpp)
     achieved_GBps           bytes read per step / seconds per step
-    bound_s_per_token       lower bound from this machine's ceilings and the bytes this system must move
-                            per step (its offloaded weights from disk, its resident weights from RAM)
+    bits_per_weight         the system's weight bytes (its own format) x 8 / parameters
+    touched_bytes_per_step  weight bytes one decode step reads: all but the token-embedding table (one row)
+    effective_GBps          touched_bytes_per_step / seconds per step (weight bandwidth)
+    bound_s_per_token       lower bound from this run's ceilings and the bytes this system moves per step:
+                            the bytes it READ per step (measured; planned where not measured) at the disk
+                            ceiling, its resident weights at the memory ceiling, the larger of the two
+                            (they overlap); in RAM (storage host) all touched bytes at the memory ceiling
     bound_fraction          bound_s_per_token / decode_s_per_token (1.0 = at the physical limit)
-    speedup_vs_accelerate   baseline decode_s_per_token / this system's
+    x_of_bound              decode_s_per_token / bound_s_per_token (1.0 = at the limit; the table's "x of bound")
+    speedup_vs_baseline     baseline decode_s_per_token / this system's (the baseline: Accelerate, or in the
+                            in-RAM scenario transformers); speedup_vs_accelerate the same where Accelerate is it
     tokens_agree            greedy tokens equal those of the first system run on the same weights
-                            (for quantized systems, exact=False, a difference is expected, not an error)
+                            (for quantized systems, exact=False, a difference is expected, not an error;
+                            llama.cpp rows: not compared, llama-bench decodes token ids it picks itself)
+    cgroup                  cgroup scenario: limit (idle + budget + slack), peak charge, OOM-killed
 """
 from __future__ import annotations
 
@@ -33,83 +43,217 @@ def _median_split(reps: list[dict]) -> dict | None:
 def results_json(*, machine: dict, versions: dict, setup: dict, systems: list[tuple[dict, dict]], storage: str) -> dict:
     """Assemble results.json from (system definition, worker result) pairs, in run order."""
     batch = setup["batch"]
+    disk_gbps, mem_gbps = machine.get("disk_read_GBps") or 0.0, machine.get("mem_GBps") or 0.0
     rows = []
     for sysdef, r in systems:
-        disk_b, ram_b = r.get("weights_disk_bytes", 0), r.get("weights_ram_bytes", 0)
-        if storage == "host":  # offloaded weights live in RAM (host tier, or the page cache)
-            disk_b, ram_b = 0, ram_b + disk_b
-        bound = bound_s_per_step(disk_b, ram_b, machine["disk_read_GBps"], machine["mem_GBps"]) / batch
         step, per_step = r.get("decode_s_per_step"), r.get("bytes_read_per_step")
+        acc = r.get("weights") or {}
+        touched = acc["weight_bytes"] - acc["embedding_bytes"] if acc.get("weight_bytes") else None
+        disk_b, ram_b = r.get("weights_disk_bytes"), r.get("weights_ram_bytes")
+        if storage == "host":  # offloaded weights live in RAM (host tier, or the page cache)
+            disk_b, ram_b = 0, touched if touched is not None else (ram_b or 0) + (disk_b or 0)
+        else:
+            if per_step is not None:  # what the system really read, not what it planned to
+                disk_b = per_step
+            if ram_b is None:  # no plan of its own (llama.cpp): what it touched and did not read came from RAM
+                ram_b = max((touched or 0) - (disk_b or 0), 0)
+        bound = bound_s_per_step(disk_b or 0, ram_b or 0, disk_gbps, mem_gbps) / batch
+        t = r.get("decode_s_per_token")
         rows.append({
             "name": sysdef["name"], "runner": sysdef["runner"], "weights": sysdef["weights"], "convert": sysdef["convert"],
             "baseline": sysdef["baseline"], "exact": sysdef.get("exact", True),
-            "decode_s_per_token": r.get("decode_s_per_token"), "decode_s_per_step": step, "prefill_s": r.get("prefill_s"),
+            "completed": not r.get("failed") and r.get("completed", True) is not False, "error": r.get("error"),
+            "decode_s_per_token": t, "decode_s_per_step": step, "prefill_s": r.get("prefill_s"),
             "tokens_per_s": r.get("tokens_per_s"), "bytes_read_per_token": r.get("bytes_read_per_token"),
             "achieved_GBps": per_step / step / 1e9 if step and per_step is not None else None,
-            "bound_s_per_token": bound, "bound_fraction": bound / r["decode_s_per_token"] if r.get("decode_s_per_token") else None,
+            "bits_per_weight": acc["weight_bytes"] * 8 / acc["params"] if acc.get("params") else None,
+            "weight_bytes": acc.get("weight_bytes"), "touched_bytes_per_step": touched,
+            "effective_GBps": touched / step / 1e9 if step and touched else None,
+            "bound_s_per_token": bound, "bound_fraction": bound / t if t else None, "x_of_bound": t / bound if t and bound else None,
             "peak_rss_bytes": r.get("peak_rss_bytes"), "weights_disk_bytes": disk_b, "weights_ram_bytes": ram_b,
             "load_s": r.get("load_s"), "tokens": r.get("tokens"), "tokens_stable": r.get("tokens_stable"),
-            "runtime_split": _median_split(r.get("reps", [])),
+            "runtime_split": _median_split(r.get("reps") or []),
             "plan": r.get("plan_summary"), "device_map_counts": r.get("device_map_counts"),
+            "cgroup": r.get("cgroup"), "command": r.get("command"),
             "reps": r.get("reps"),
         })
     base = next((x for x in rows if x["baseline"]), None)
     first_by_weights: dict[str, dict] = {}
     for x in rows:
+        b, t = (base or {}).get("decode_s_per_token"), x["decode_s_per_token"]
+        x["speedup_vs_baseline"] = b / t if b and t else None
+        x["speedup_vs_accelerate"] = x["speedup_vs_baseline"] if base is not None and base["runner"] == "accelerate" else None
+        if x["tokens"] is None:  # llama.cpp (llama-bench picks its own tokens), or a run that did not complete
+            x["tokens_agree"] = None
+            continue
         if not x["exact"]:  # quantized values: compared with the exact system on the same weights, may differ
             ref = first_by_weights.get(x["weights"])
             x["tokens_agree"] = None if ref is None else x["tokens"] == ref["tokens"]
-            b, t = (base or {}).get("decode_s_per_token"), x["decode_s_per_token"]
-            x["speedup_vs_accelerate"] = b / t if b and t else None
             continue
         ref = first_by_weights.setdefault(x["weights"], x)
         x["tokens_agree"] = None if ref is x else x["tokens"] == ref["tokens"]
-        if ref is x and base is not None and base is not x and base["weights"] == x["weights"]:
+        if ref is x and base is not None and base is not x and base["weights"] == x["weights"] and base["tokens"] is not None:
             x["tokens_agree"] = x["tokens"] == base["tokens"]
-        b, t = (base or {}).get("decode_s_per_token"), x["decode_s_per_token"]
-        x["speedup_vs_accelerate"] = b / t if b and t else None
-    return {"machine": machine, "versions": versions, "setup": setup, "systems": rows}
+    return {"machine": machine, "versions": versions, "setup": setup, "systems": rows,
+            "baseline": base["name"] if base else None}
 
 
 def _f(v, fmt: str, scale: float = 1.0) -> str:
     return "-" if v is None else format(v * scale, fmt)
 
 
+def _agree(x: dict) -> str:
+    if x["tokens"] is None:
+        return "-"
+    return {None: "ref", True: "yes", False: "NO"}[x["tokens_agree"]]
+
+
+def ceilings_line(m: dict) -> str:
+    """This run's disk read and memory ceilings, in words."""
+    if m.get("disk_read_GBps") is None:
+        disk = "disk read not measured (in-RAM scenario)"
+    else:
+        disk = f"disk read {m['disk_read_GBps']:.2f} GB/s (O_DIRECT {'yes' if m['disk_read_direct'] else 'no'}"
+        if m.get("disk_read_sweep"):
+            disk += (f", best of {len(m['disk_read_sweep'])} queue depths x request sizes: {m['disk_read_depth']} in flight, "
+                     f"{m['disk_read_chunk'] >> 10} KiB")
+            if m.get("disk_read_single_stream_GBps") is not None:
+                disk += f"; one request stream {m['disk_read_single_stream_GBps']:.2f} GB/s"
+        disk += ")"
+    return (f"Ceilings of this run: {disk}, memory {m['mem_GBps']:.1f} GB/s (copy, read + write counted); "
+            f"{m['cpu_count']} CPUs, load average {m['load_average'][0]:.2f}.")
+
+
+def _setup_line(s: dict) -> str:
+    threads = f", {s['threads']} threads" if s.get("threads") else ""
+    return (f"Budget {s['budget']} = {s['budget_bytes'] / 1e9:.3f} GB of {s['dense_weight_bytes'] / 1e9:.3f} GB dense weights, "
+            f"storage {s['storage']}, batch {s['batch']}, prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new tokens, "
+            f"{s['dtype']}{threads}, median of {s['reps']} repetitions.")
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def render_table(results: dict) -> str:
-    """The Markdown table of results.json (one row per system)."""
-    m, s = results["machine"], results["setup"]
-    head = ("| system | decode ms/token | prefill s | tokens/s | read MB/token | achieved GB/s | speedup vs Accelerate "
-            "| bound ms/token | of bound | peak RSS GB | tokens agree |")
-    lines = [
-        f"Budget {s['budget']} = {s['budget_bytes'] / 1e9:.3f} GB of {s['dense_weight_bytes'] / 1e9:.3f} GB dense weights, "
-        f"storage {s['storage']}, batch {s['batch']}, prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new tokens, "
-        f"{s['dtype']}, median of {s['reps']} repetitions.",
-        f"Machine: disk read {m['disk_read_GBps']:.2f} GB/s (O_DIRECT {'yes' if m['disk_read_direct'] else 'no'}"
-        + (f", best of {len(m['disk_read_sweep'])} queue depths x request sizes: {m['disk_read_depth']} in flight,"
-           f" {m['disk_read_chunk'] >> 10} KiB" if m.get("disk_read_sweep") else "") + "), "
-        f"memory {m['mem_GBps']:.1f} GB/s, {m['cpu_count']} CPUs, load average {m['load_average'][0]:.2f}.",
-        "",
-        head,
-        "|" + "---|" * head.count(" | ") + "---|",
-    ]
+    """The Markdown of results.json: setup and ceilings, one table row per system, then the notes.
+    The table's columns depend on the scenario (disk, cgroup, ram); it pastes into a README as is."""
+    s = results["setup"]
+    scenario = s.get("scenario", "disk")
+    lines = [f"Scenario {scenario}: {SCENARIO_WORDS[scenario]}", "", _setup_line(s), ceilings_line(results["machine"]), ""]
+    base = results.get("baseline")
+    base_word = "transformers" if base == "transformers" else "Accelerate"
+    rows = []
     for x in results["systems"]:
-        agree = {None: "ref", True: "yes", False: "NO"}[x["tokens_agree"]]
-        lines.append(" | ".join([
-            f"| {x['name']}", _f(x["decode_s_per_token"], ".1f", 1e3), _f(x["prefill_s"], ".2f"), _f(x["tokens_per_s"], ".2f"),
-            _f(x["bytes_read_per_token"], ".1f", 1e-6), _f(x["achieved_GBps"], ".2f"), _f(x["speedup_vs_accelerate"], ".2f") + "x",
-            _f(x["bound_s_per_token"], ".1f", 1e3), _f(x["bound_fraction"], ".0%", 1.0), _f(x["peak_rss_bytes"], ".2f", 1e-9),
-            agree]) + " |")
+        sp = _f(x.get("speedup_vs_baseline", x.get("speedup_vs_accelerate")), ".2f")
+        sp = sp + "x" if sp != "-" else sp
+        if scenario == "cgroup":
+            cg = x.get("cgroup") or {}
+            rows.append([x["name"], _f(x["decode_s_per_token"], ".1f", 1e3), _f(x["bytes_read_per_token"], ".1f", 1e-6),
+                         _f(x["achieved_GBps"], ".2f"), _f(x["bound_s_per_token"], ".1f", 1e3),
+                         _f(x.get("x_of_bound"), ".2f") + ("x" if x.get("x_of_bound") else ""), sp,
+                         _f(cg.get("limit_bytes"), ".2f", 1e-9), _f(cg.get("peak_bytes"), ".2f", 1e-9),
+                         {True: "yes", False: "no", None: "-"}[cg.get("oom_killed")], _agree(x)])
+        elif scenario == "ram":
+            rows.append([x["name"], _f(x.get("bits_per_weight"), ".1f"), _f(x["decode_s_per_token"], ".1f", 1e3),
+                         _f(x.get("effective_GBps"), ".1f"), _f(x["bound_s_per_token"], ".1f", 1e3),
+                         _f(x.get("x_of_bound"), ".2f") + ("x" if x.get("x_of_bound") else ""), _f(x["prefill_s"], ".2f"),
+                         sp, _f(x["peak_rss_bytes"], ".2f", 1e-9), _agree(x)])
+        else:
+            rows.append([x["name"], _f(x["decode_s_per_token"], ".1f", 1e3), _f(x["prefill_s"], ".2f"),
+                         _f(x["tokens_per_s"], ".2f"), _f(x["bytes_read_per_token"], ".1f", 1e-6), _f(x["achieved_GBps"], ".2f"),
+                         sp, _f(x["bound_s_per_token"], ".1f", 1e3), _f(x["bound_fraction"], ".0%", 1.0),
+                         _f(x["peak_rss_bytes"], ".2f", 1e-9), _agree(x)])
+    if scenario == "cgroup":
+        head = ["system", "decode ms/token", "read MB/token", "achieved read GB/s", "bound ms/token", "x of bound",
+                f"speedup vs {base_word}", "cgroup limit GB", "peak cgroup GB", "OOM-killed", "tokens agree"]
+    elif scenario == "ram":
+        head = ["system", "bits/weight", "decode ms/token", "effective GB/s", "bound ms/token", "x of bound", "prefill s",
+                f"speedup vs {base_word}", "peak RSS GB", "tokens agree"]
+    else:
+        head = ["system", "decode ms/token", "prefill s", "tokens/s", "read MB/token", "achieved GB/s",
+                f"speedup vs {base_word}", "bound ms/token", "of bound", "peak RSS GB", "tokens agree"]
+    lines += _table(head, rows)
+    lines += _notes(results)
+    return "\n".join(lines) + "\n"
+
+
+SCENARIO_WORDS = {
+    "disk": "weights beyond the budget read from the disk, page cache emptied before every repetition (and before every "
+            "forward pass of Accelerate's); no memory limit.",
+    "cgroup": "RAM smaller than the model: every system in a memory cgroup of budget + its own idle footprint + slack, "
+              "page cache charged to the cgroup, emptied before every repetition.",
+    "ram": "everything resident in RAM (sparseferry with the budget given, host memory, nothing read from the disk).",
+}
+
+
+def _notes(results: dict) -> list[str]:
+    s, lines = results["setup"], []
+    scenario = s.get("scenario", "disk")
+    if scenario == "cgroup":
+        cg = next((x["cgroup"] for x in results["systems"] if x.get("cgroup")), None)
+        if cg:
+            lines.append(f"\nMemory cgroup v{cg['version']} per system: limit = idle footprint + budget "
+                         f"{s['budget_bytes'] / 1e9:.3f} GB + slack {s.get('cgroup_slack_bytes', 0) / 1e9:.2f} GB (no swap); "
+                         "the idle footprint is the peak of the same program doing everything but loading weights.")
+        lines.append("Bound: bytes read per token at the disk ceiling, resident weights at the memory ceiling, the larger; "
+                     "x of bound = decode time / bound.")
+    if scenario == "ram":
+        lines.append("\nbits/weight: the system's weight bytes x 8 / parameters; effective GB/s: weight bytes touched per "
+                     "token (all but the token-embedding table) / decode time; bound: those bytes at the memory ceiling.")
+    if any(x["runner"] == "llama.cpp" for x in results["systems"]):
+        lc = s.get("llama_cpp") or {}
+        lines.append("llama.cpp: GGUF files from the same pruned weights (bf16 by convert_hf_to_gguf.py, Q8_0 and Q4_0 by "
+                     "llama-quantize), decode ms/token from llama-bench's token-generation test after a context of the "
+                     "prompt's length" + ("; streamed: one process per repetition, page cache of the GGUF emptied "
+                                          "before each, mmap, no repacking; read MB/token = read_bytes of an N-token run "
+                                          "minus a 1-token run, / (N - 1)" if scenario == "cgroup" else
+                                          "; one process, llama-bench's own warm-up, its defaults") + ". "
+                     + (f"Tools: {Path(lc['bench']).parent}." if lc.get("bench") else ""))
+        cmd = next((x["command"] for x in results["systems"] if x.get("command")), None)
+        if cmd:
+            lines.append(f"e.g. `{cmd}`")
     for x in results["systems"]:
+        if x.get("completed") is False:
+            cg = x.get("cgroup") or {}
+            lines.append(f"\n{x['name']}: did not complete" + (" (OOM-killed)" if cg.get("oom_killed") else "")
+                         + (f": {x['error']}" if x.get("error") else ""))
         sp = x.get("runtime_split")
         if sp:
             lines.append(f"\n{x['name']}: I/O wait {sp.get('io_wait_s', 0):.2f} s, decompress {sp.get('decompress_s', 0):.2f} s, "
                          f"compute {sp.get('compute_s', 0):.2f} s per repetition; {x['plan']}")
+            reads = read_path_line(x)
+            if reads:
+                lines.append(reads)
             if sp.get("experts_needed_bytes_per_token"):
                 lines.append(experts_line(x))
         elif x.get("device_map_counts"):
             lines.append(f"\n{x['name']}: device map {x['device_map_counts']} modules; weights in RAM "
                          f"{x['weights_ram_bytes'] / 1e9:.3f} GB, offloaded {x['weights_disk_bytes'] / 1e9:.3f} GB")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def read_path_line(x: dict) -> str | None:
+    """The runtime's read-path figures (achieved read bandwidth in decode, read and compute time per token,
+    their overlap), where its summary has them; decode time against max(read, compute)."""
+    sp = x.get("runtime_split") or {}
+    keys = ("read_gbps", "read_s_per_token", "compute_s_per_token", "overlap")
+    if not any(sp.get(k) is not None for k in keys):
+        return None
+    parts = []
+    if sp.get("read_gbps") is not None:
+        parts.append(f"reads {sp['read_gbps']:.2f} GB/s in decode")
+    if sp.get("read_s_per_token") is not None:
+        parts.append(f"read {sp['read_s_per_token'] * 1e3:.1f} ms/token")
+    if sp.get("compute_s_per_token") is not None:
+        parts.append(f"compute {sp['compute_s_per_token'] * 1e3:.1f} ms/token")
+    if sp.get("overlap") is not None:
+        parts.append(f"overlap {sp['overlap']:.2f}")
+    worst = max((sp.get("read_s_per_token") or 0), (sp.get("compute_s_per_token") or 0))
+    if worst and x.get("decode_s_per_token"):
+        parts.append(f"decode = {x['decode_s_per_token'] / worst:.2f}x max(read, compute)")
+    return f"{x['name']} read path: " + ", ".join(parts)
 
 
 def experts_line(x: dict) -> str:
@@ -140,17 +284,19 @@ def plot_results(results: dict, path) -> None:
     ms = [x["decode_s_per_token"] * 1e3 for x in rows]
     bound = [x["bound_s_per_token"] * 1e3 for x in rows]
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(rows), 4.2))
+    ax.tick_params(axis="x", labelsize=7, labelrotation=20)
     bars = ax.bar(names, ms, color=["#999999" if x["baseline"] else "#2a7ab0" for x in rows])
     for i, (b, bm) in enumerate(zip(bars, bound)):
         ax.hlines(bm, b.get_x(), b.get_x() + b.get_width(), colors="#c0392b", linewidth=2.5,
                   label="physical bound" if i == 0 else None)
-        sp = rows[i]["speedup_vs_accelerate"]
+        sp = rows[i].get("speedup_vs_baseline", rows[i].get("speedup_vs_accelerate"))
         ax.annotate(f"{ms[i]:.0f} ms" + (f"\n{sp:.2f}x" if sp and not rows[i]["baseline"] else ""),
                     (b.get_x() + b.get_width() / 2, ms[i]), ha="center", va="bottom", fontsize=8)
     s = results["setup"]
     ax.set_ylabel("decode ms / token (lower is better)")
-    ax.set_title(f"budget {s['budget']}, storage {s['storage']}, batch {s['batch']}; "
-                 f"disk {results['machine']['disk_read_GBps']:.2f} GB/s", fontsize=9)
+    disk = results["machine"].get("disk_read_GBps")
+    ax.set_title(f"scenario {s.get('scenario', 'disk')}, budget {s['budget']}, storage {s['storage']}, batch {s['batch']}; "
+                 + (f"disk {disk:.2f} GB/s, " if disk else "") + f"memory {results['machine']['mem_GBps']:.1f} GB/s", fontsize=9)
     ax.set_ylim(0, max(ms + bound) * 1.25)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()

@@ -15,12 +15,27 @@ import time
 
 from .measure import event, measure, worker_main
 
-_SPLIT = ("io_wait_s", "decompress_s", "compute_s", "bytes_read", "decode_s_per_step", "prefill_s", "io_wait_share")
+_SPLIT = ("io_wait_s", "decompress_s", "compute_s", "bytes_read", "decode_s_per_step", "prefill_s", "io_wait_share",
+          # the read path's own figures, where the runtime reports them (shown when present)
+          "read_gbps", "read_s_per_token", "compute_s_per_token", "overlap")
+
+
+def idle(spec: dict) -> dict:
+    """Everything but the weights (the cgroup scenario's idle footprint): the runtime's imports, the
+    checkpoint's manifest and the model skeleton."""
+    from ..hf import info_from_config_dict
+    from ..runtime import load  # noqa: F401 - the imports a real run makes
+    from ..store import open_checkpoint
+
+    info_from_config_dict(open_checkpoint(spec["checkpoint"]).config)
+    return {"idle": True}
 
 
 def run(spec: dict) -> dict:
     from ..runtime import load
 
+    if spec.get("idle"):
+        return idle(spec)
     event("load")
     t = time.perf_counter()
     model = load(spec["checkpoint"], device="cpu", memory_budget=spec["budget_bytes"], storage=spec["storage"],
