@@ -14,7 +14,8 @@ Every path is bit-exact to `format.decode` (decompress); the fused matmul accumu
 Quantized matrices (`format.QuantBitmapTensor`, int8 / int4 values) go through the same API: every
 path dequantizes while it decompresses (one pass, no dense intermediate), bit-exact to the
 reference `quant.decode_quant`; the fused CPU matvec dequantizes inside its multiply loop (AVX-512;
-other paths and fp32 values: into a scratch row first).
+other paths and fp32 values: into a scratch row first). AVX2 CPUs get their own fused loop
+(csrc/matvec_avx2.c: one table shuffle and one FMA per 8 columns).
 """
 from __future__ import annotations
 
