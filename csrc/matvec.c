@@ -23,12 +23,6 @@
 /* ------------------------------------------------------------------------------------------ */
 /* Scalar value -> fp32                                                                        */
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 
 /* ------------------------------------------------------------------------------------------ */
@@ -43,7 +37,7 @@ static float dot_c(int dtype, const void *w, const float *x, int64_t n) {
         for (int64_t j = 0; j < n; j++) acc += v[j] * x[j];
     } else if (dtype == SF_BF16) {
         const uint16_t *v = (const uint16_t *)w;
-        for (int64_t j = 0; j < n; j++) acc += bf16_to_f32(v[j]) * x[j];
+        for (int64_t j = 0; j < n; j++) acc += sf_bf16_to_f32(v[j]) * x[j];
     } else {
         const uint16_t *v = (const uint16_t *)w;
         for (int64_t j = 0; j < n; j++) acc += sf_f16_to_f32(v[j]) * x[j];
@@ -208,7 +202,7 @@ static const row_group_fn g_row_groups[4][GROUP] = {RG_ROW(MODE_DOT_BF16), RG_RO
                                                     RG_ROW(MODE_F32)};
 
 static inline float x_at(const void *x, int x_dtype, int64_t i) {
-    return x_dtype == SF_BF16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+    return x_dtype == SF_BF16 ? sf_bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
 }
 
 static int64_t matvec_avx512(const sf_quant *q, int dtype, int64_t rows, int64_t cols, const char *vals,
@@ -313,7 +307,7 @@ static int64_t matvec_any(int path, const sf_quant *q, int dtype, int64_t rows, 
     if (x_dtype == SF_BF16) {
         xf = malloc((size_t)(batch * cols) * sizeof(float));
         if (!xf) return -2;
-        for (int64_t i = 0; i < batch * cols; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        for (int64_t i = 0; i < batch * cols; i++) xf[i] = sf_bf16_to_f32(((const uint16_t *)x)[i]);
     }
     int64_t bad = -1;
     matvec_decode_dot(path, q, dtype, rows, cols, vals, bitmask, row_offsets, nnz, xf ? xf : (const float *)x, batch,

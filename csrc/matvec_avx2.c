@@ -118,13 +118,8 @@ static float *padded_x(const void *x, int x_dtype, int64_t batch, int64_t cols, 
     if (!xp) return NULL;
     for (int64_t b = 0; b < batch; b++)
         for (int64_t j = 0; j < cols; j++) {
-            float v;
-            if (x_dtype == SF_BF16) {
-                uint32_t u = (uint32_t)((const uint16_t *)x)[b * cols + j] << 16;
-                memcpy(&v, &u, 4);
-            } else {
-                v = ((const float *)x)[b * cols + j];
-            }
+            float v = x_dtype == SF_BF16 ? sf_bf16_to_f32(((const uint16_t *)x)[b * cols + j])
+                                         : ((const float *)x)[b * cols + j];
             int64_t k = interleave ? (j & ~(int64_t)15) + ((j & 1) ? 8 : 0) + ((j & 15) >> 1) : j;
             xp[b * xs + k] = v;
         }
@@ -254,11 +249,7 @@ static const dense_fn g_dense_rows[3][GROUP] = {{dn_f32_1, dn_f32_2, dn_f32_3, d
 static float w_at(int dtype, const void *w, int64_t i) {
     if (dtype == SF_F32) return ((const float *)w)[i];
     uint16_t h = ((const uint16_t *)w)[i];
-    if (dtype == SF_F16) return sf_f16_to_f32(h);
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
+    return dtype == SF_F16 ? sf_f16_to_f32(h) : sf_bf16_to_f32(h);
 }
 
 int64_t sf_matvec_dense(int path, int dtype, int64_t rows, int64_t cols, const void *w, const void *x, int x_dtype,

@@ -47,6 +47,14 @@ static PyObject *py_decompress(PyObject *self, PyObject *args) {
 }
 
 /* matvec(path, dtype, rows, cols, values, nnz, bitmask, row_offsets, x, x_dtype, batch, y, threads) -> bad_row */
+/* The path and the W / x dtype codes of a matvec call (0 with the Python error set). */
+static int check_matvec_args(int path, int dtype, int x_dtype) {
+    if (!check_path(path)) return 0;
+    if (dtype < SF_F32 || dtype > SF_F16) return PyErr_Format(PyExc_ValueError, "dtype code %d unknown", dtype), 0;
+    if (x_dtype != SF_F32 && x_dtype != SF_BF16) return PyErr_Format(PyExc_ValueError, "x dtype code %d", x_dtype), 0;
+    return 1;
+}
+
 static PyObject *py_matvec(PyObject *self, PyObject *args) {
     (void)self;
     int path, dtype, x_dtype, threads;
@@ -55,9 +63,7 @@ static PyObject *py_matvec(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iiLLKLKKKiLKi", &path, &dtype, &rows, &cols, &values, &nnz, &bitmask, &row_offsets,
                           &x, &x_dtype, &batch, &y, &threads))
         return NULL;
-    if (!check_path(path)) return NULL;
-    if (dtype < SF_F32 || dtype > SF_F16) return PyErr_Format(PyExc_ValueError, "dtype code %d unknown", dtype);
-    if (x_dtype != SF_F32 && x_dtype != SF_BF16) return PyErr_Format(PyExc_ValueError, "x dtype code %d", x_dtype);
+    if (!check_matvec_args(path, dtype, x_dtype)) return NULL;
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = sf_matvec(path, dtype, rows, cols, (const void *)(uintptr_t)values, nnz, (const uint8_t *)(uintptr_t)bitmask,
@@ -75,9 +81,7 @@ static PyObject *py_matvec_dense(PyObject *self, PyObject *args) {
     unsigned long long w, x, y;
     if (!PyArg_ParseTuple(args, "iiLLKKiLKi", &path, &dtype, &rows, &cols, &w, &x, &x_dtype, &batch, &y, &threads))
         return NULL;
-    if (!check_path(path)) return NULL;
-    if (dtype < SF_F32 || dtype > SF_F16) return PyErr_Format(PyExc_ValueError, "dtype code %d unknown", dtype);
-    if (x_dtype != SF_F32 && x_dtype != SF_BF16) return PyErr_Format(PyExc_ValueError, "x dtype code %d", x_dtype);
+    if (!check_matvec_args(path, dtype, x_dtype)) return NULL;
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
     bad = sf_matvec_dense(path, dtype, rows, cols, (const void *)(uintptr_t)w, (const void *)(uintptr_t)x, x_dtype,

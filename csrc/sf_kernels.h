@@ -110,6 +110,13 @@ sf_row_decoder sf_pick_row_decoder(int path, int elem_size);
 /* Threads worth using for `bytes` of output over `rows` rows (>= 1, <= threads). */
 int sf_threads_for(int threads, int64_t rows, int64_t bytes);
 
+static inline float sf_bf16_to_f32(uint16_t h) { /* bf16 is the top half of an fp32: exact */
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 static inline float sf_f16_to_f32(uint16_t h) { /* IEEE binary16 -> binary32, exact (subnormals, Inf, NaN) */
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
     if (exp == 0x1f) {

@@ -171,8 +171,9 @@ def dense_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
         and not (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad))
         and (bias is None or (bias.device.type == "cpu" and tuple(bias.shape) == (w.shape[0],)))
     )
-    if native_ok and kernel_path("cpu") in native.PATHS:
-        y = native.matvec_dense(x.reshape(batch, x.shape[-1]), w, path=kernel_path("cpu"), threads=_threads(threads))
+    path = kernel_path("cpu") if native_ok else None
+    if path in native.PATHS:
+        y = native.matvec_dense(x.reshape(batch, x.shape[-1]), w, path=path, threads=_threads(threads))
         if bias is not None:
             y += bias.float()
         return y.to(x.dtype).reshape(*lead, w.shape[0])
