@@ -8,14 +8,18 @@ with posix_fadvise(DONTNEED). `drop_cache` empties the page cache of given files
 
 A direct read larger than one chunk is split into ALIGN-aligned chunks read in parallel by a small
 thread pool (`depth` requests in flight; os.preadv releases the GIL): one request at a time leaves
-most of an SSD's bandwidth unused. The call still returns only when every byte is in `buf`, so for
-its caller a parallel read is the same single, blocking read.
+most of an SSD's bandwidth unused. The chunks of one read are equal and a multiple of `depth` in
+number, so all `depth` requests stay in flight to the read's last byte instead of a few stragglers
+finishing alone. `read_range` returns only when every byte is in `buf`; `submit` queues the same
+read and returns at once (a `PendingRead`), so a caller can queue the next range while this one is
+still in flight: the pool works through the queue in order and the disk never waits for the caller.
 """
 from __future__ import annotations
 
 import errno
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -64,19 +68,67 @@ def _readinto_all(fd: int, mv: memoryview, offset: int) -> int:
     return done
 
 
-def _read_chunks(fd: int, mv: memoryview, offset: int, depth: int, chunk: int) -> int:
-    """Fill mv (from file offset `offset`) with up to `depth` chunk reads in flight; returns the
-    number of bytes read contiguously from the start (short only at end of file), like _readinto_all."""
-    if depth <= 1 or len(mv) <= chunk:
-        return _readinto_all(fd, mv, offset)
-    starts = range(0, len(mv), chunk)
-    futs = [_pool(depth).submit(_readinto_all, fd, mv[c : c + chunk], offset + c) for c in starts]
-    wait(futs)  # every chunk has landed (or failed) before buf is handed back
-    got = [f.result() for f in futs]  # re-raises a chunk's OSError
-    for c, n in zip(starts, got):
-        if n < min(chunk, len(mv) - c):  # end of file inside this chunk
-            return c + n
-    return len(mv)
+def split_read(n: int, depth: int, chunk: int) -> tuple[int, int]:
+    """How a direct read of n bytes (a multiple of ALIGN) is split: (chunk length, number of chunks).
+
+    At most `chunk` bytes a request, and a multiple of `depth` requests of equal length (the last
+    one shorter), so that `depth` stay in flight until the end."""
+    if depth <= 1 or n <= chunk:
+        return n, 1
+    waves = -(-n // (depth * chunk))  # rounds of `depth` requests
+    size = -(-n // (waves * depth))
+    size += (-size) % ALIGN
+    return size, -(-n // size)
+
+
+def _timed_read(fd: int, mv: memoryview, offset: int) -> tuple[int, float]:
+    return _readinto_all(fd, mv, offset), time.perf_counter()
+
+
+class PendingRead:
+    """A read in flight (`FileReader.submit`): `result()` waits for every byte and returns the view.
+
+    `submitted` / `finished` (perf_counter seconds) bound the time the read was in flight, for the
+    caller's statistics; `nbytes` is the length of the range asked for."""
+
+    def __init__(self, reader: "FileReader", start: int, end: int, buf: torch.Tensor, a: int = 0,
+                 chunks: list | None = None, view: torch.Tensor | None = None, submitted: float | None = None):
+        self.reader, self.start, self.end, self.buf, self.a = reader, start, end, buf, a
+        self.chunks = chunks or []  # [(offset in the aligned range, length, future)]
+        self.view = view
+        self.nbytes = end - start
+        now = time.perf_counter()
+        self.submitted = now if submitted is None else submitted  # a read done at once: when it began
+        self.finished = now if view is not None else None
+
+    def done(self) -> bool:
+        return self.view is not None or all(f.done() for _, _, f in self.chunks)
+
+    def result(self) -> torch.Tensor:
+        if self.view is not None:
+            return self.view
+        wait([f for _, _, f in self.chunks])  # every chunk has landed (or failed) before buf is handed back
+        r = self.reader
+        try:
+            got = [(c, n, f.result()) for c, n, f in self.chunks]  # re-raises a chunk's OSError
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # Filesystem accepted O_DIRECT at open but not for this read: fall back for good.
+            r._fall_back_to_buffered()
+            self.view = r.read_range(self.start, self.end, self.buf)
+            self.finished = time.perf_counter()
+            return self.view
+        self.finished = max(t for _, _, (_, t) in got)
+        total = 0  # bytes read contiguously from the start (short only at end of file)
+        for c, n, (k, _) in got:
+            total = c + k
+            if k < n:
+                break
+        if total < self.end - self.a:
+            raise OSError(errno.EIO, f"{r.path}: short read ({total} of {self.end - self.a} bytes at {self.a})")
+        self.view = self.buf[self.start - self.a : self.end - self.a]
+        return self.view
 
 
 class FileReader:
@@ -110,27 +162,42 @@ class FileReader:
     def read_range(self, start: int, end: int, buf: torch.Tensor) -> torch.Tensor:
         """Read bytes [start, end) into `buf` (uint8, ALIGN-aligned, large enough for the covering range
         when direct); returns the uint8 view of exactly those bytes inside `buf`."""
+        return self.submit(start, end, buf).result()
+
+    def submit(self, start: int, end: int, buf: torch.Tensor) -> PendingRead:
+        """Queue the read of [start, end) into `buf` (as `read_range`) and return at once.
+
+        A direct read larger than one chunk goes to the shared pool of `depth` reader threads, its
+        chunks behind those of reads submitted before it; anything else is read here and now. `buf`
+        belongs to the read until its `result()` has returned."""
         if end > self.size:
             raise OSError(errno.EIO, f"{self.path}: wanted bytes up to {end}, file has {self.size} (truncated?)")
-        if self.direct:
-            a, b = covering_range(start, end)
-            b = min(b, self.size + (-self.size) % ALIGN)
-            if buf.numel() < b - a or buf.data_ptr() % ALIGN:
-                raise ValueError(f"buffer of {buf.numel()} bytes at {buf.data_ptr():#x} cannot take an aligned read of {b - a}")
-            mv = memoryview(buf.numpy())[: b - a]
+        t0 = time.perf_counter()
+        if not self.direct:
+            return PendingRead(self, start, end, buf, view=self._read_buffered(start, end, buf), submitted=t0)
+        a, b = covering_range(start, end)
+        b = min(b, self.size + (-self.size) % ALIGN)
+        if buf.numel() < b - a or buf.data_ptr() % ALIGN:
+            raise ValueError(f"buffer of {buf.numel()} bytes at {buf.data_ptr():#x} cannot take an aligned read of {b - a}")
+        mv = memoryview(buf.numpy())[: b - a]
+        size, count = split_read(b - a, self.depth, self.chunk)
+        if count == 1:
             try:
-                got = _read_chunks(self.fd, mv, a, self.depth, self.chunk)
+                got = _readinto_all(self.fd, mv, a)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                # Filesystem accepted O_DIRECT at open but not for this read: fall back for good.
-                os.close(self.fd)
-                self.fd = os.open(self.path, os.O_RDONLY)
-                self.direct, self.drop_after_read = False, True
-                return self.read_range(start, end, buf)
+                self._fall_back_to_buffered()
+                return PendingRead(self, start, end, buf, view=self._read_buffered(start, end, buf), submitted=t0)
             if got < end - a:
                 raise OSError(errno.EIO, f"{self.path}: short read ({got} of {end - a} bytes at {a})")
-            return buf[start - a : end - a]
+            return PendingRead(self, start, end, buf, view=buf[start - a : end - a], submitted=t0)
+        pool = _pool(self.depth)
+        chunks = [(c, min(size, b - a - c), pool.submit(_timed_read, self.fd, mv[c : c + size], a + c))
+                  for c in range(0, b - a, size)]
+        return PendingRead(self, start, end, buf, a=a, chunks=chunks)
+
+    def _read_buffered(self, start: int, end: int, buf: torch.Tensor) -> torch.Tensor:
         if buf.numel() < end - start:
             raise ValueError(f"buffer of {buf.numel()} bytes too small for {end - start}")
         view = buf[: end - start]
@@ -140,6 +207,13 @@ class FileReader:
         if self.drop_after_read:
             os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
         return view
+
+    def _fall_back_to_buffered(self) -> None:
+        if not self.direct:
+            return
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.direct, self.drop_after_read = False, True
 
     def close(self):
         if self.fd >= 0:

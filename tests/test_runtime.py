@@ -79,6 +79,24 @@ def test_greedy_generation_matches_transformers_token_for_token(arch, tmp_path):
         model.sparseferry.close()
     assert torch.equal(got, want)
     assert summary["decode_steps"] == 31 and summary["bytes_read_per_token"] > 0
+    # the read path of decode: bytes over the time a read was in flight, and the step against
+    # max(read, compute), where every step reads the whole model
+    assert summary["read_gbps"] > 0 and summary["read_s_per_token"] > 0 and summary["compute_s_per_token"] > 0
+    assert summary["read_gbps"] * 1e9 * summary["read_s_per_token"] == pytest.approx(summary["bytes_read_per_token"])
+    step = summary["decode_s_per_step"]
+    assert summary["overlap"] == pytest.approx(step / max(summary["read_s_per_token"], summary["compute_s_per_token"]))
+
+
+def test_a_model_held_whole_reports_no_read_path(tmp_path):
+    folder, _ = make_checkpoint("llama", tmp_path, dtype=torch.float32, layers=2)
+    model = sparseferry.load(folder)
+    try:
+        model.generate(torch.randint(0, 256, (1, 4)), max_new_tokens=3, do_sample=False, pad_token_id=258)
+        summary = model.sparseferry.summary()
+    finally:
+        model.sparseferry.close()
+    assert summary["bytes_read_per_token"] == 0
+    assert summary["read_gbps"] is None and summary["overlap"] is None
 
 
 def test_batched_prompts_with_left_padding_match_transformers(tmp_path):

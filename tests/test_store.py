@@ -296,6 +296,49 @@ def test_a_parallel_direct_read_returns_the_same_bytes_with_depth_requests_in_fl
     with pytest.raises(ValueError, match="chunk"):
         FileReader(path, depth=2, chunk=1000)
 
+
+def test_a_read_is_split_into_equal_chunks_a_multiple_of_depth_in_number():
+    """All `depth` requests stay in flight to the end of a read: no lone straggler chunk."""
+    for n_pages in (1, 2, 3, 7, 8, 9, 100, 257, 1000, 12345):
+        n = n_pages * 4096
+        for depth, chunk in ((1, 4096), (3, 4096), (4, 4 << 20), (8, 1 << 20), (8, 4 << 20), (16, 256 << 10)):
+            size, count = sf_io.split_read(n, depth, chunk)
+            assert size % 4096 == 0 and size <= max(chunk, n if depth == 1 else chunk) or count == 1, (n, depth, chunk)
+            assert (count - 1) * size < n <= count * size, (n, depth, chunk)
+            if depth > 1 and n > chunk:
+                assert size <= chunk
+                waves = -(-n // (depth * chunk))
+                assert count <= waves * depth and count > (waves - 1) * depth, (n, depth, chunk)
+
+
+def test_submitted_reads_are_in_flight_together_and_land_whole(tmp_path, monkeypatch):
+    """`submit` returns before the bytes land, so a second read queues behind the first instead of
+    waiting for it; each result is exactly its range, and waiting twice is harmless."""
+    path = tmp_path / "bytes"
+    payload = torch.randint(0, 256, (16 * 4096 + 99,), dtype=torch.uint8).numpy().tobytes()
+    path.write_bytes(payload)
+    single, delay = sf_io._readinto_all, 0.05
+
+    def slow(fd, mv, offset):
+        time.sleep(delay)
+        return single(fd, mv, offset)
+
+    monkeypatch.setattr(sf_io, "_readinto_all", slow)
+    with FileReader(path, direct=True, depth=4, chunk=4096) as r:
+        if not r.direct:
+            pytest.skip("O_DIRECT refused on this filesystem: reads are buffered and immediate")
+        bufs = [aligned_empty(buffer_size_for(0, len(payload))) for _ in range(2)]
+        t0 = time.perf_counter()
+        first = r.submit(0, 8 * 4096 + 5, bufs[0])
+        second = r.submit(8 * 4096 + 5, len(payload), bufs[1])
+        assert time.perf_counter() - t0 < delay  # neither waited for its bytes
+        assert second.result().numpy().tobytes() == payload[8 * 4096 + 5 :]
+        assert first.result().numpy().tobytes() == payload[: 8 * 4096 + 5] and first.done()
+        assert first.result().numpy().tobytes() == payload[: 8 * 4096 + 5]
+        assert first.submitted <= first.finished and second.finished >= first.submitted
+        with pytest.raises(OSError, match="truncated"):
+            r.submit(0, len(payload) + 1, bufs[0])
+
 # ----------------------------------------------------------------------------------------------
 # Writing never leaves a half checkpoint
 

@@ -124,6 +124,7 @@ class PassRecord:
     bytes_read: int
     wait_s: float
     decompress_s: float
+    read_s: float = 0.0  # time with a disk read in flight (layers and experts)
     experts: dict | None = None  # MoE: this pass's expert counters (ExpertStats fields)
 
 
@@ -241,7 +242,7 @@ class StreamingEngine:
         shape = tuple(ids.shape[:2]) if ids is not None else (1, 1)
         ps = self.pipeline.stats if self.pipeline else None
         self._pass_t0 = (time.perf_counter(), shape, self._bytes_read(), self._wait_s(),
-                         ps.decompress_s if ps else 0.0,
+                         ps.decompress_s if ps else 0.0, self._read_s(),
                          self.experts.cache.stats.snapshot() if self.experts is not None else None)
 
     def _pass_end(self, module, args, kwargs, output):
@@ -249,7 +250,7 @@ class StreamingEngine:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        t0, shape, b0, w0, d0, e0 = self._pass_t0
+        t0, shape, b0, w0, d0, r0, e0 = self._pass_t0
         ps = self.pipeline.stats if self.pipeline else None
         ex = None
         if e0 is not None:
@@ -257,13 +258,19 @@ class StreamingEngine:
             ex = {k: now[k] - v for k, v in vars(e0).items()}
         self.passes.append(PassRecord(batch=shape[0], tokens=shape[1], seconds=time.perf_counter() - t0,
                                       bytes_read=self._bytes_read() - b0, wait_s=self._wait_s() - w0,
-                                      decompress_s=(ps.decompress_s - d0) if ps else 0.0, experts=ex))
+                                      decompress_s=(ps.decompress_s - d0) if ps else 0.0,
+                                      read_s=self._read_s() - r0, experts=ex))
         self._pass_t0 = None
 
     def _bytes_read(self) -> int:
         """Bytes read from disk so far (streamed layers, and experts)."""
         n = self.pipeline.stats.bytes_read if self.pipeline else 0
         return n + (self.experts.cache.stats.bytes_read if self.experts is not None else 0)
+
+    def _read_s(self) -> float:
+        """Seconds with a disk read in flight so far (the layer pipeline's and the expert reader's)."""
+        r = self.pipeline.stats.read_s if self.pipeline else 0.0
+        return r + (self.experts.cache.stats.read_s if self.experts is not None else 0.0)
 
     def _wait_s(self) -> float:
         w = self.pipeline.stats.wait_s if self.pipeline else 0.0
@@ -302,6 +309,7 @@ class StreamingEngine:
             "decompress_s": sum(p.decompress_s for p in self.passes),
             "compute_s": max(total - wait, 0.0),
             "io_wait_share": wait / total if total else 0.0,
+            **self._read_path(decode),
             "peak_rss_bytes": _peak_rss_bytes(),
             "rss_before_load_bytes": self.rss_before,
         }
@@ -310,6 +318,22 @@ class StreamingEngine:
         if self.experts is not None:
             out["experts"] = self._experts_summary(decode)
         return out
+
+    @staticmethod
+    def _read_path(decode: list[PassRecord]) -> dict:
+        """Decode's read path: the achieved read bandwidth (bytes over the time a read was in flight),
+        read and compute time per step (compute: the pass minus its waits for bytes), and `overlap`,
+        the step time over max(read, compute): 1.0 when reads hide entirely behind compute or the
+        other way round, 2.0 when they run one after the other. None where nothing was read."""
+        n = len(decode)
+        read_s = sum(p.read_s for p in decode)
+        nbytes = sum(p.bytes_read for p in decode)
+        if not n or not nbytes or read_s <= 0:
+            return {"read_gbps": None, "read_s_per_token": None, "compute_s_per_token": None, "overlap": None}
+        step = sum(p.seconds for p in decode) / n
+        read, compute = read_s / n, sum(max(p.seconds - p.wait_s, 0.0) for p in decode) / n
+        return {"read_gbps": nbytes / read_s / 1e9, "read_s_per_token": read, "compute_s_per_token": compute,
+                "overlap": step / max(read, compute)}
 
     def _experts_summary(self, decode: list[PassRecord]) -> dict:
         """Expert reads at decode time: hit rate, predicted vs missed reads, bytes against what routing needs."""

@@ -54,7 +54,7 @@ class LayerSource:
 class PipelineStats:
     bytes_read: int = 0  # from disk
     bytes_copied: int = 0  # host -> device (CUDA)
-    read_s: float = 0.0  # reader thread busy
+    read_s: float = 0.0  # time with at least one disk read in flight
     decompress_s: float = 0.0  # decompressor thread busy
     wait_s: float = 0.0  # compute side blocked in wait(n)
     uses: int = 0  # layer uses served
@@ -72,6 +72,17 @@ def _decompress_fn():
             return decode(bt, out=out)
 
     return decompress
+
+
+def _drain(items) -> None:
+    """Wait for the reads of items still in flight, whatever their outcome."""
+    for item in items:
+        pending = item.get("pending")
+        if pending is not None:
+            try:
+                pending.result()
+            except OSError:
+                pass
 
 
 class Pipeline:
@@ -135,6 +146,7 @@ class Pipeline:
         self.disk_reads = 0  # views mode: disk reads started (the k-th uses readbuf[k % R])
         self.disk_released = 0  # views mode: disk reads whose buffer compute has released
         self.disk_of: dict[int, int] = {}  # n -> k
+        self._read_until = 0.0  # end of the last read counted in stats.read_s
 
     def layer_of(self, n: int) -> int:
         return self.order[(self.base + n) % len(self.order)]
@@ -154,6 +166,7 @@ class Pipeline:
         for t in self.threads:
             t.join()
         self.threads = []
+        _drain(self.pending.values())  # no read may still be filling a buffer the next start reuses
 
     def close(self) -> None:
         self.shutdown()
@@ -202,6 +215,7 @@ class Pipeline:
                 return self._fail(e)
             with self.cv:
                 if self.stop:
+                    _drain([item])
                     return
                 self.pending[n] = item
                 self.read_n = n + 1
@@ -209,23 +223,35 @@ class Pipeline:
             n += 1
 
     def _read(self, n: int, buf: torch.Tensor | None) -> dict:
+        """Start read(n): resident bytes as they are, an expert layer's base read and verified here,
+        any other disk layer queued (`FileReader.submit`): the reader goes on to the next read while
+        this one is in flight, and the decompressor waits for its bytes and verifies them."""
         src = self.sources[self.pos[self.layer_of(n)]]
         if src.tier != "disk":
             return {"data": src.data, "index": src.index}
-        t0 = time.perf_counter()
         if src.base:  # verified as it is read
+            t0 = time.perf_counter()
             data = self.ckpt.read_base(src.index, buf, reader=src.reader) if self.verify else \
                 src.reader.read_range(src.start, src.end, buf)
-            self.stats.read_s += time.perf_counter() - t0
-            self.stats.bytes_read += src.end - src.start
+            self._count_read(t0, time.perf_counter(), src.end - src.start)
             return {"data": data, "index": src.index}
-        data = src.reader.read_range(src.start, src.end, buf)
-        self.stats.read_s += time.perf_counter() - t0
-        self.stats.bytes_read += src.end - src.start
-        if self.mode == "views":  # verified by the next stage, so the disk can start the next read
-            return {"data": data, "index": src.index, "verify": self.verify}
-        views = self.ckpt.layer_views(src.index, data, verify=self.verify)  # raises on checksum mismatch
-        return {"data": data, "index": src.index, "views": views}
+        return {"pending": src.reader.submit(src.start, src.end, buf), "index": src.index, "verify": self.verify}
+
+    def _count_read(self, t0: float, t1: float, nbytes: int) -> None:
+        """Statistics of a read in flight over [t0, t1]: read_s counts the time with any read in flight."""
+        with self.cv:
+            st = self.stats
+            st.read_s += max(0.0, t1 - max(t0, self._read_until))
+            self._read_until = max(self._read_until, t1)
+            st.bytes_read += nbytes
+
+    def _collect(self, item: dict) -> dict:
+        """The read bytes of item (waiting for a read still in flight)."""
+        pending = item.pop("pending", None)
+        if pending is not None:
+            item["data"] = pending.result()
+            self._count_read(pending.submitted, pending.finished, pending.nbytes)
+        return item
 
     # -- decompressor thread: decompress(n) for n = 0, 1, ...
     def _decompressor(self) -> None:
@@ -238,6 +264,7 @@ class Pipeline:
                     return
                 item = self.pending.pop(n)
             try:
+                item = self._collect(item)
                 if views:
                     v = self._views(item["index"], item["data"], verify=item.get("verify", False))
                     with self.cv:
@@ -259,6 +286,8 @@ class Pipeline:
         i, data = item["index"], item["data"]
         slot = self.slots[n % self.K]
         if self.cuda:
+            if item.get("verify"):  # the checksums, before any byte goes to the device
+                self.ckpt.layer_views(i, data, verify=True)
             ev = self.slot_free_event[n % self.K]
             with torch.cuda.stream(self.stream):
                 if ev is not None:
@@ -271,8 +300,7 @@ class Pipeline:
                 self._fill(slot, i, self._views(i, data, verify=False))
             self.stream.synchronize()  # slot complete, read buffer free again
         else:
-            views = item.get("views") or self._views(i, data, verify=False)
-            self._fill(slot, i, views)
+            self._fill(slot, i, self._views(i, data, verify=item.get("verify", False)))
         self.stats.decompress_s += time.perf_counter() - t0
 
     def _views(self, i: int, data: torch.Tensor, verify: bool) -> dict:
