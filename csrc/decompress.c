@@ -90,6 +90,19 @@ int sf_row_span(int64_t r, int64_t rows, int64_t cols, int64_t nnz, const uint8_
     return 1;
 }
 
+int sf_row_span_deferred(int64_t r, int64_t rows, int64_t cols, int64_t reach, int64_t nnz, const uint8_t *mask_row,
+                         const int64_t *row_offsets, int64_t *start, int64_t *n) {
+    int64_t s, e;
+    memcpy(&s, row_offsets + r, 8);
+    if (r + 1 < rows) memcpy(&e, row_offsets + r + 1, 8);
+    else e = nnz;
+    if ((r == 0 && s != 0) || s < 0 || e < s || e > nnz || e - s > cols) return SF_SPAN_BAD;
+    *start = s;
+    *n = e - s;
+    if (reach <= nnz - s) return SF_SPAN_DEFERRED;
+    return sf_row_span(r, rows, cols, nnz, mask_row, row_offsets, start) ? SF_SPAN_CHECKED : SF_SPAN_BAD;
+}
+
 int sf_threads_for(int threads, int64_t rows, int64_t bytes) {
     /* Below ~256 KiB per thread, starting a thread costs more than it saves. */
     int64_t t = bytes / (256 * 1024);
@@ -147,6 +160,8 @@ AVX512_TARGET static size_t row16_avx512(const void *src_, const void *src_end, 
     for (; j + 64 <= cols; j += 64) { /* 64 columns = 8 mask bytes = two 32-lane expands */
         uint64_t m;
         memcpy(&m, mask + j / 8, 8);
+        SF_PREFETCH((const char *)src + SF_PREFETCH_AHEAD);
+        SF_PREFETCH((const char *)src + SF_PREFETCH_AHEAD + 64);
         __mmask32 lo = (__mmask32)m, hi = (__mmask32)(m >> 32);
         __m512i a = _mm512_maskz_expandloadu_epi16(lo, src);
         src += _mm_popcnt_u32(lo);
@@ -234,6 +249,7 @@ AVX2_TARGET static size_t row16_avx2(const void *src_, const void *src_end, cons
     /* 16 columns per step: two 16-byte loads (8 values each, only popcount used) while both stay
      * inside `values`; the rest of the row goes through the scalar loop below. */
     for (; j + 16 <= cols && end - src >= 16; j += 16) {
+        if (!(j & 31)) SF_PREFETCH((const char *)src + SF_PREFETCH_AHEAD);
         unsigned m0 = mask[j / 8], m1 = mask[j / 8 + 1];
         const uint16_t *s1 = src + _mm_popcnt_u32(m0);
         __m256i v = _mm256_loadu2_m128i((const __m128i *)s1, (const __m128i *)src);

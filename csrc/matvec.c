@@ -169,28 +169,34 @@ AVX512_TARGET INLINE void step32(int mode, const char **src, __mmask32 m, const 
     sf_mul32(mode, w, x, xs, nb, acc0, acc1);
 }
 
-/* acc[b] = W[row] . x[b] for nb <= GROUP rows of the padded x (element size xe, stride xs). */
-AVX512_TARGET INLINE void row_group(int mode, const char *src, const uint8_t *mask, int64_t cols, const char *x,
+/* acc[b] = W[row] . x[b] for nb <= GROUP rows of the padded x (element size xe, stride xs);
+ * returns the number of values the row's mask made it read (checked against the row's offsets). */
+AVX512_TARGET INLINE int64_t row_group(int mode, const char *src, const uint8_t *mask, int64_t cols, const char *x,
                                     int xe, int64_t xs, int nb, float *acc) {
+    const char *src0 = src;
     __m512 a0[GROUP], a1[GROUP];
     for (int b = 0; b < nb; b++) a0[b] = a1[b] = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 64 <= cols; j += 64) { /* two groups, alternating accumulators: two dependency chains */
         uint64_t m;
         memcpy(&m, mask + j / 8, 8);
+        SF_PREFETCH(src + SF_PREFETCH_AHEAD);
+        SF_PREFETCH(src + SF_PREFETCH_AHEAD + 64);
+        if (!(j & 511)) SF_PREFETCH(mask + j / 8 + SF_PREFETCH_AHEAD / 8);
         step32(mode, &src, (__mmask32)m, x + j * xe, xs, nb, a0, a1);
         step32(mode, &src, (__mmask32)(m >> 32), x + (j + 32) * xe, xs, nb, a1, a0);
     }
     for (; j < cols; j += 32) step32(mode, &src, sf_mask32(mask, j, cols), x + j * xe, xs, nb, a0, a1);
     for (int b = 0; b < nb; b++) acc[b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
+    return (src - src0) / (mode == MODE_F32 ? 4 : 2);
 }
 
 /* One specialization per (mode, group size) so the loops above unroll with constants. */
-typedef void (*row_group_fn)(const char *, const uint8_t *, int64_t, const char *, int64_t, float *);
+typedef int64_t (*row_group_fn)(const char *, const uint8_t *, int64_t, const char *, int64_t, float *);
 #define RG(MODE, XE, NB)                                                                                       \
-    AVX512_TARGET static void rg_##MODE##_##NB(const char *src, const uint8_t *mask, int64_t cols, const char *x, \
-                                               int64_t xs, float *acc) {                                      \
-        row_group(MODE, src, mask, cols, x, XE, xs, NB, acc);                                                 \
+    AVX512_TARGET static int64_t rg_##MODE##_##NB(const char *src, const uint8_t *mask, int64_t cols,           \
+                                                  const char *x, int64_t xs, float *acc) {                    \
+        return row_group(MODE, src, mask, cols, x, XE, xs, NB, acc);                                          \
     }
 #define RG4(MODE, XE) RG(MODE, XE, 1) RG(MODE, XE, 2) RG(MODE, XE, 3) RG(MODE, XE, 4)
 RG4(MODE_DOT_BF16, 2)
@@ -239,21 +245,24 @@ static int64_t matvec_avx512(const sf_quant *q, int dtype, int64_t rows, int64_t
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             const uint8_t *m = bitmask + r * mask_stride;
-            int64_t start, end = nnz, gstart;
-            int ok = sf_row_span(r, rows, cols, nnz, m, row_offsets, &start);
-            if (r + 1 < rows) memcpy(&end, row_offsets + r + 1, 8);
-            if (!ok || !sf_quant_row_ok(q, r, start, end - start)) {
+            int64_t start, n, gstart;
+            int span = sf_row_span_deferred(r, rows, cols, cols, nnz, m, row_offsets, &start, &n);
+            int ok = span != SF_SPAN_BAD && sf_quant_row_ok(q, r, start, n);
+            memcpy(&gstart, q->group_offsets + r, 8);
+            /* Deferred only where even `cols` values would stay inside the scales (see sf_row_span_deferred). */
+            if (ok && span == SF_SPAN_DEFERRED && !sf_quant_row_ok(q, r, start, cols))
+                ok = sf_row_span(r, rows, cols, nnz, m, row_offsets, &start), span = SF_SPAN_CHECKED;
+            for (int64_t b0 = 0; ok && b0 < batch; b0 += GROUP) {
+                int nb = batch - b0 < GROUP ? (int)(batch - b0) : GROUP;
+                float acc[GROUP];
+                int64_t used = qfns[nb - 1](q, start, gstart, m, cols, xp + b0 * xs * xe, xs, acc);
+                if (span == SF_SPAN_DEFERRED && used != n) ok = 0;
+                for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = acc[b];
+            }
+            if (!ok) {
                 for (int64_t b = 0; b < batch; b++) y[b * rows + r] = 0.0f;
 #pragma omp atomic write
                 bad = r;
-                continue;
-            }
-            memcpy(&gstart, q->group_offsets + r, 8);
-            for (int64_t b0 = 0; b0 < batch; b0 += GROUP) {
-                int nb = batch - b0 < GROUP ? (int)(batch - b0) : GROUP;
-                float acc[GROUP];
-                qfns[nb - 1](q, start, gstart, m, cols, xp + b0 * xs * xe, xs, acc);
-                for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = acc[b];
             }
         }
         free(xp);
@@ -266,20 +275,30 @@ static int64_t matvec_avx512(const sf_quant *q, int dtype, int64_t rows, int64_t
         for (int64_t r = 0; r < rows; r++) {
             const uint8_t *m = bitmask + r * mask_stride;
             const char *src, *src_end;
-            if ((q && !scratch) ||
-                !row_values(SF_PATH_AVX512, q, dtype, r, rows, cols, nnz, vals, m, row_offsets, scratch, &src,
-                            &src_end)) {
+            int64_t start, n = -1; /* n >= 0: the row's mask is counted by the kernel and checked after */
+            int ok = 0;
+            if (!q) {
+                int span = sf_row_span_deferred(r, rows, cols, cols, nnz, m, row_offsets, &start, &n);
+                ok = span != SF_SPAN_BAD;
+                if (span != SF_SPAN_DEFERRED) n = -1;
+                src = vals + start * es;
+            } else if (scratch) {
+                ok = row_values(SF_PATH_AVX512, q, dtype, r, rows, cols, nnz, vals, m, row_offsets, scratch, &src,
+                                &src_end);
+            }
+            (void)src_end;
+            /* Groups of GROUP rows of x; after the first, the row of W comes from L1/L2, not memory. */
+            for (int64_t b0 = 0; ok && b0 < batch; b0 += GROUP) {
+                int nb = batch - b0 < GROUP ? (int)(batch - b0) : GROUP;
+                float acc[GROUP];
+                int64_t used = fns[nb - 1](src, m, cols, xp + b0 * xs * xe, xs, acc);
+                if (n >= 0 && used != n) ok = 0; /* the mask holds more or fewer values than the offsets say */
+                for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = acc[b];
+            }
+            if (!ok) {
                 for (int64_t b = 0; b < batch; b++) y[b * rows + r] = 0.0f;
 #pragma omp atomic write
                 bad = q && !scratch ? -2 : r;
-                continue;
-            }
-            /* Groups of GROUP rows of x; after the first, the row of W comes from L1/L2, not memory. */
-            for (int64_t b0 = 0; b0 < batch; b0 += GROUP) {
-                int nb = batch - b0 < GROUP ? (int)(batch - b0) : GROUP;
-                float acc[GROUP];
-                fns[nb - 1](src, m, cols, xp + b0 * xs * xe, xs, acc);
-                for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = acc[b];
             }
         }
         free(scratch);

@@ -65,8 +65,9 @@ AVX2_TARGET INLINE __m256 weights8(int f16, const uint16_t *p, unsigned m) {
 /* acc[b] = W[row] . x[b] for NB rows of the padded fp32 x (stride xs); values at src (>= 16 bytes
  * readable past the row's last value), mask the row's bitmap. NA accumulators per row of x. */
 #define ROW_SPARSE(NAME, F16, NB, NA)                                                                         \
-    AVX2_TARGET static void NAME(const uint16_t *src, const uint8_t *mask, int64_t cols, const float *x,        \
-                                 int64_t xs, float *out) {                                                    \
+    AVX2_TARGET static int64_t NAME(const uint16_t *src, const uint8_t *mask, int64_t cols, const float *x,     \
+                                    int64_t xs, float *out) {                                                 \
+        const uint16_t *src0 = src;                                                                           \
         __m256 acc[NB][NA];                                                                                   \
         for (int b = 0; b < NB; b++)                                                                          \
             for (int a = 0; a < NA; a++) acc[b][a] = _mm256_setzero_ps();                                     \
@@ -74,6 +75,9 @@ AVX2_TARGET INLINE __m256 weights8(int f16, const uint16_t *p, unsigned m) {
         for (; j + 64 <= cols; j += 64) {                                                                     \
             uint64_t m;                                                                                       \
             memcpy(&m, mask + j / 8, 8);                                                                      \
+            SF_PREFETCH((const char *)src + SF_PREFETCH_AHEAD);                                              \
+            SF_PREFETCH((const char *)src + SF_PREFETCH_AHEAD + 64);                                         \
+            if (!(j & 511)) SF_PREFETCH(mask + j / 8 + SF_PREFETCH_AHEAD / 8);                               \
             for (int k = 0; k < 8; k++) {                                                                     \
                 const uint16_t *p = src + (k ? _mm_popcnt_u64(m & ((1ull << (8 * k)) - 1)) : 0);              \
                 __m256 w = weights8(F16, p, (unsigned)(m >> (8 * k)) & 0xff);                                 \
@@ -97,9 +101,10 @@ AVX2_TARGET INLINE __m256 weights8(int f16, const uint16_t *p, unsigned m) {
             h = _mm_add_ss(h, _mm_movehdup_ps(h));                                                            \
             out[b] = _mm_cvtss_f32(h);                                                                        \
         }                                                                                                     \
+        return src - src0;                                                                                    \
     }
 
-typedef void (*row_fn)(const uint16_t *, const uint8_t *, int64_t, const float *, int64_t, float *);
+typedef int64_t (*row_fn)(const uint16_t *, const uint8_t *, int64_t, const float *, int64_t, float *);
 ROW_SPARSE(sp_bf16_1, 0, 1, 4)
 ROW_SPARSE(sp_bf16_2, 0, 2, 2)
 ROW_SPARSE(sp_bf16_3, 0, 3, 1)
@@ -142,22 +147,13 @@ int64_t sf_matvec_avx2(const sf_quant *q, int dtype, int64_t rows, int64_t cols,
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             const uint8_t *m = bitmask + r * mask_stride;
-            int64_t start, end = nnz;
-            if (!sf_row_span(r, rows, cols, nnz, m, row_offsets, &start)) {
-                for (int64_t b = 0; b < batch; b++) y[b * rows + r] = 0.0f;
-#pragma omp atomic write
-                bad = r;
-                continue;
-            }
-            if (r + 1 < rows) memcpy(&end, row_offsets + r + 1, 8);
-            if (q && !sf_quant_row_ok(q, r, start, end - start)) {
-                for (int64_t b = 0; b < batch; b++) y[b * rows + r] = 0.0f;
-#pragma omp atomic write
-                bad = r;
-                continue;
-            }
+            int64_t start, n;
+            /* Plain values are read in place, up to 8 values (16 bytes) past the last one the mask
+             * selects (ROW_SPARSE); a padded row (quantized, or near the end) is read from `pad` only. */
+            int span = sf_row_span_deferred(r, rows, cols, q ? 0 : cols + 8, nnz, m, row_offsets, &start, &n);
+            int ok = span != SF_SPAN_BAD && (!q || sf_quant_row_ok(q, r, start, n));
             const uint16_t *src = q ? NULL : vals + start;
-            if (q || nnz - end < 8) { /* quantized, or fewer than 16 bytes after the row's last value */
+            if (ok && (q || nnz - (start + n) < 8)) { /* quantized, or fewer than 16 bytes after the row's last value */
                 if (!pad) pad = calloc((size_t)cols + 16, 2);
                 if (!pad) {
                     for (int64_t b = 0; b < batch; b++) y[b * rows + r] = 0.0f;
@@ -166,16 +162,22 @@ int64_t sf_matvec_avx2(const sf_quant *q, int dtype, int64_t rows, int64_t cols,
                     continue;
                 }
                 if (q)
-                    sf_dequant_row(SF_PATH_AVX2, q, r, start, end - start, dtype, pad);
+                    sf_dequant_row(SF_PATH_AVX2, q, r, start, n, dtype, pad);
                 else
-                    memcpy(pad, src, (size_t)(end - start) * 2);
+                    memcpy(pad, src, (size_t)n * 2);
                 src = pad;
             }
-            for (int64_t b0 = 0; b0 < batch; b0 += GROUP) {
+            for (int64_t b0 = 0; ok && b0 < batch; b0 += GROUP) {
                 int nb = batch - b0 < GROUP ? (int)(batch - b0) : GROUP;
                 float acc[GROUP];
-                fns[nb - 1](src, m, cols, xp + b0 * xs, xs, acc);
+                int64_t used = fns[nb - 1](src, m, cols, xp + b0 * xs, xs, acc);
+                if (span == SF_SPAN_DEFERRED && used != n) ok = 0; /* the mask disagrees with the offsets */
                 for (int b = 0; b < nb; b++) y[(b0 + b) * rows + r] = acc[b];
+            }
+            if (!ok) {
+                for (int64_t b = 0; b < batch; b++) y[b * rows + r] = 0.0f;
+#pragma omp atomic write
+                bad = r;
             }
         }
         free(pad);
@@ -211,6 +213,7 @@ AVX2_TARGET INLINE void dense16(int dtype, const void *w, __m256 *w0, __m256 *w1
         int64_t j = 0;                                                                                        \
         for (; j + 16 <= cols; j += 16) {                                                                     \
             __m256 w0, w1;                                                                                    \
+            if (!(j & (64 / es - 1))) SF_PREFETCH(w + j * es + SF_PREFETCH_AHEAD); /* once a cache line */   \
             dense16(DT, w + j * es, &w0, &w1);                                                                \
             for (int b = 0; b < NB; b++) {                                                                    \
                 a0[b] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + b * xs + j), a0[b]);                          \

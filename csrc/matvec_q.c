@@ -68,10 +68,11 @@ AVX512_TARGET SF_INLINE __m512i nibbles32(const sf_quant *q, int64_t pos) {
         memcpy(&hi, buf + 8, 8);
         extra = buf[16];
     }
-    if (pos & 1) { /* start at the high nibble of the first byte */
-        lo = (lo >> 4) | (hi << 60);
-        hi = (hi >> 4) | ((uint64_t)extra << 60);
-    }
+    /* Start at the high nibble of the first byte when pos is odd: without a branch, which the
+     * popcounts that move pos would make unpredictable (x << 1 << (63 - sh) is x << (64 - sh), 0 for sh 0). */
+    const unsigned sh = (unsigned)(pos & 1) * 4;
+    lo = (lo >> sh) | (hi << 1 << (63 - sh));
+    hi = (hi >> sh) | ((uint64_t)extra << 1 << (63 - sh));
     /* byte j -> dword j; its low nibble to word 2j, its high nibble to word 2j + 1 */
     __m512i d = _mm512_cvtepu8_epi32(_mm_set_epi64x((long long)hi, (long long)lo));
     return _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0x0f)),
@@ -125,7 +126,7 @@ AVX512_TARGET SF_INLINE __m512i qweights32(int qbits, int mode, const sf_quant *
     return w;
 }
 
-AVX512_TARGET SF_INLINE void qrow(int qbits, int mode, const sf_quant *q, int64_t start, int64_t gstart,
+AVX512_TARGET SF_INLINE int64_t qrow(int qbits, int mode, const sf_quant *q, int64_t start, int64_t gstart,
                                   const uint8_t *mask, int64_t cols, const char *x, int xe, int64_t xs, int nb,
                                   float *acc) {
     __m512 a0[SF_GROUP], a1[SF_GROUP];
@@ -136,6 +137,8 @@ AVX512_TARGET SF_INLINE void qrow(int qbits, int mode, const sf_quant *q, int64_
     for (; j + 64 <= cols; j += 64) { /* two steps, alternating accumulators: two dependency chains */
         uint64_t m;
         memcpy(&m, mask + j / 8, 8);
+        SF_PREFETCH(q->codes + (qbits == 8 ? pos : pos >> 1) + SF_PREFETCH_AHEAD);
+        if (!(j & 511)) SF_PREFETCH(mask + j / 8 + SF_PREFETCH_AHEAD / 8);
         if (!m) continue;
         __m512i w = qweights32(qbits, mode, q, &pos, (uint32_t)m, &st);
         sf_mul32(mode, w, x + j * xe, xs, nb, a0, a1);
@@ -148,14 +151,15 @@ AVX512_TARGET SF_INLINE void qrow(int qbits, int mode, const sf_quant *q, int64_
         sf_mul32(mode, w, x + j * xe, xs, nb, a0, a1);
     }
     for (int b = 0; b < nb; b++) acc[b] = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
+    return pos - start;
 }
 
 /* One specialization per (qbits, mode, rows of x) so the loops above unroll with constants. */
 #define QR(QB, MODE, XE, NB)                                                                                  \
-    AVX512_TARGET static void qr_##QB##_##MODE##_##NB(const sf_quant *q, int64_t start, int64_t gstart,         \
-                                                      const uint8_t *mask, int64_t cols, const char *x,           \
-                                                      int64_t xs, float *acc) {                                   \
-        qrow(QB, MODE, q, start, gstart, mask, cols, x, XE, xs, NB, acc);                                          \
+    AVX512_TARGET static int64_t qr_##QB##_##MODE##_##NB(const sf_quant *q, int64_t start, int64_t gstart,      \
+                                                         const uint8_t *mask, int64_t cols, const char *x,        \
+                                                         int64_t xs, float *acc) {                                \
+        return qrow(QB, MODE, q, start, gstart, mask, cols, x, XE, xs, NB, acc);                                   \
     }
 #define QR4(QB, MODE, XE) QR(QB, MODE, XE, 1) QR(QB, MODE, XE, 2) QR(QB, MODE, XE, 3) QR(QB, MODE, XE, 4)
 #define QR_MODES(QB) QR4(QB, SF_MODE_DOT_BF16, 2) QR4(QB, SF_MODE_BF16, 4) QR4(QB, SF_MODE_F16, 4)

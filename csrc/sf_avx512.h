@@ -62,8 +62,9 @@ SF_INLINE __mmask32 sf_mask32(const uint8_t *mask, int64_t j, int64_t cols) {
 }
 
 /* Fused matvec of one quantized row (matvec_q.c): acc[b] = dequant(W[row]) . x[b] for nb rows of the
- * padded x. The row's first value is `start`, its first group `gstart`; all checked by the caller. */
-typedef void (*sf_qrow_fn)(const sf_quant *q, int64_t start, int64_t gstart, const uint8_t *mask, int64_t cols,
+ * padded x. The row's first value is `start`, its first group `gstart`; all checked by the caller,
+ * who compares the returned number of values the mask made it read with the row's offsets. */
+typedef int64_t (*sf_qrow_fn)(const sf_quant *q, int64_t start, int64_t gstart, const uint8_t *mask, int64_t cols,
                            const char *x, int64_t xs, float *acc);
 /* The fused row function for (q's qbits, mode, nb rows of x), or NULL where there is none (fp32
  * values, or a CPU without AVX512_BF16 for bf16 values): the caller then dequantizes rows first. */

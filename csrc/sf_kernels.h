@@ -100,6 +100,16 @@ void sf_dequant_row(int path, const sf_quant *q, int64_t r, int64_t start, int64
 int sf_row_span(int64_t r, int64_t rows, int64_t cols, int64_t nnz, const uint8_t *mask_row,
                 const int64_t *row_offsets, int64_t *start);
 
+/* The same check with the count of the mask left to the caller where that is safe: a row whose
+ * offsets are in order and for which the most a kernel can read from its first value on (`reach`
+ * values: cols, plus any over-read of its vector loads) lies inside the `nnz` values cannot make
+ * that kernel read outside the buffer, whatever its mask says, so its mask is not counted here; the kernel counts the values it consumes as it goes and compares with *n at the end
+ * of the row (SF_SPAN_DEFERRED). Rows near the end of the values are counted first, as by
+ * sf_row_span (SF_SPAN_CHECKED). 0 (SF_SPAN_BAD) for a bad row. Sets *start and *n = end - start. */
+enum { SF_SPAN_BAD = 0, SF_SPAN_CHECKED = 1, SF_SPAN_DEFERRED = 2 };
+int sf_row_span_deferred(int64_t r, int64_t rows, int64_t cols, int64_t reach, int64_t nnz, const uint8_t *mask_row,
+                         const int64_t *row_offsets, int64_t *start, int64_t *n);
+
 /* Decode `cols` columns (a multiple of 8 unless it is the end of the row) of one row from `src`
  * into `out`; `src_end` bounds every read of values (the vector paths over-read up to 32 bytes
  * when it is safe). Returns the number of values consumed. */
@@ -109,6 +119,16 @@ sf_row_decoder sf_pick_row_decoder(int path, int elem_size);
 
 /* Threads worth using for `bytes` of output over `rows` rows (>= 1, <= threads). */
 int sf_threads_for(int threads, int64_t rows, int64_t bytes);
+
+/* Software prefetch of the streams a kernel reads once (packed values, codes, mask bytes), this many
+ * bytes ahead of where it reads now. A row's values follow the previous row's, so the prefetch runs
+ * on into the next rows of the same thread. The hardware prefetchers alone leave a core at a
+ * quarter of its read bandwidth here: the loads of the values depend on popcounts of the mask, so
+ * few are in flight at once. A prefetch never faults, also past the end of a buffer. */
+#ifndef SF_PREFETCH_AHEAD
+#define SF_PREFETCH_AHEAD 8192
+#endif
+#define SF_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
 
 static inline float sf_bf16_to_f32(uint16_t h) { /* bf16 is the top half of an fp32: exact */
     uint32_t u = (uint32_t)h << 16;
