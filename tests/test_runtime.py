@@ -309,3 +309,38 @@ def test_ctrl_c_during_generation_exits_130_without_a_traceback(tmp_path):
         proc.kill()
     assert proc.returncode == 130
     assert "Traceback" not in err and "interrupted" in err
+
+
+def test_views_of_resident_layers_are_made_once_and_disk_layers_at_every_use(tmp_path, monkeypatch):
+    """A layer held in memory compressed is wrapped in its views once, not at every forward pass
+    (that would be Python work beside the compute); a layer read from the disk gets fresh views of
+    each read (and its checksum verified) every time."""
+    from sparseferry.store import Checkpoint
+
+    folder, _ = make_checkpoint("llama", tmp_path, dtype=torch.float32, layers=3)
+    calls: dict[int, int] = {}
+    real = Checkpoint.layer_views
+
+    def counting(self, i, data, verify=True):
+        calls[i] = calls.get(i, 0) + 1
+        return real(self, i, data, verify=verify)
+
+    monkeypatch.setattr(Checkpoint, "layer_views", counting)
+    for storage, budget in (("host", budgets(folder)["all-streamed"]), ("disk", budgets(folder)["all-streamed"])):
+        calls.clear()
+        model = sparseferry.load(folder, memory_budget=budget, storage=storage)
+        try:
+            with torch.no_grad():
+                model(torch.randint(0, 256, (1, 4)))
+                first = dict(calls)
+                for _ in range(3):
+                    model(torch.randint(0, 256, (1, 4)))
+        finally:
+            model.sparseferry.close()
+        streamed = model.sparseferry.plan.streamed
+        assert streamed, storage
+        for i in streamed:
+            if storage == "host":
+                assert calls[i] == first[i], (i, first, calls)
+            else:  # every pass reads every layer again (and may already have read ahead into the next)
+                assert calls[i] - first[i] >= 3, (i, first, calls)

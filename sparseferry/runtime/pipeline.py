@@ -124,6 +124,7 @@ class Pipeline:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.slot_free_event: list = [None] * nslots
         self.stats = PipelineStats()
+        self._resident_views: dict[int, dict] = {}  # layer -> views of its resident bytes (see _views)
         # "slots": decompress whole layers into dense slots (CUDA); "views": hand out the compressed views
         self.mode = "slots" if nslots else "views"
         self.cv = threading.Condition()
@@ -304,10 +305,18 @@ class Pipeline:
         self.stats.decompress_s += time.perf_counter() - t0
 
     def _views(self, i: int, data: torch.Tensor, verify: bool) -> dict:
-        """{name: stored form} of what streams for layer i: the whole layer, or its base (MoE layers)."""
-        if self.sources[self.pos[i]].base:
-            return self.ckpt.base_views(i, data)  # verified when read (read_base) or loaded
-        return self.ckpt.layer_views(i, data, verify=verify)
+        """{name: stored form} of what streams for layer i: the whole layer, or its base (MoE layers).
+
+        The views of a resident layer (bytes held in memory for good, checked at load) are made once:
+        building them at every use is Python work that competes with the compute thread."""
+        src = self.sources[self.pos[i]]
+        resident = src.tier != "disk" and data is src.data
+        if resident and i in self._resident_views:
+            return self._resident_views[i]
+        views = self.ckpt.base_views(i, data) if src.base else self.ckpt.layer_views(i, data, verify=verify)
+        if resident:  # verified when read (read_base) or loaded
+            self._resident_views[i] = views
+        return views
 
     def _fill(self, slot: dict, i: int, views: dict) -> None:
         plen = len(self.prefix[i])
