@@ -149,12 +149,18 @@ def test_plan_fills_the_budget_resident_first(tmp_path):
     ckpt = open_checkpoint(folder)
     b = budgets(folder)
     b["all-streamed"] = make_plan(ckpt, None).minimum_bytes  # planned without on-demand embeddings
-    b["mixed"] = b["all-streamed"] + 2 * ckpt.stored_bytes(ckpt.layer_tensors(0)) + 4096
+    layer = ckpt.stored_bytes(ckpt.layer_tensors(0))
+    b["mixed"] = b["all-streamed"] + 3 * layer + 4096
     assert make_plan(ckpt, None).tiers == ("dense",) * 6
     streamed = make_plan(ckpt, b["all-streamed"])
     assert streamed.tiers == ("disk",) * 6 and streamed.device_bytes <= b["all-streamed"]
+    assert streamed.nreadbufs == 1  # the minimum: one layer read at a time
+    # room for one more layer's bytes: a second read buffer (the next layer reads while one computes)
+    # before a resident layer (one layer fewer to read)
+    double = make_plan(ckpt, b["all-streamed"] + layer + 4096)
+    assert double.nreadbufs == 2 and double.tiers == ("disk",) * 6 and double.device_bytes <= b["all-streamed"] + layer + 4096
     mixed = make_plan(ckpt, b["mixed"])
-    assert mixed.device_bytes <= b["mixed"]
+    assert mixed.device_bytes <= b["mixed"] and mixed.nreadbufs == 2
     assert sum(t in ("dense", "compressed") for t in mixed.tiers) >= 2
     # resident layers come first: the stream is a suffix
     first_streamed = mixed.tiers.index("disk")

@@ -119,7 +119,10 @@ def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslot
 
     Residency comes first: the pipeline is as deep as `nslots` / `nreadbufs` allow without making
     fewer layers resident than the shallowest pipeline would. A deeper pipeline overlaps more; a
-    resident layer is not read at all.
+    resident layer is not read at all. One exception on the CPU: a second read buffer is taken
+    whenever the budget has room for it, even at the cost of a resident layer. With one buffer the
+    next read cannot start until the layer in it has been computed, so the disk idles for the whole
+    compute time of every streamed layer; with two it reads layer n + 1 while layer n computes.
 
     `pinned`: layer tensors also held on their own, outside their layer (the routers of MoE layers).
     `per_expert`: MoE layers whose experts are read one by one (runtime/experts.py); the other
@@ -134,12 +137,20 @@ def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslot
     base = _plan(ckpt, budget, storage, *depths[0], **kw)  # raises BudgetError stating the true minimum
     best = base
     resident = lambda p: sum(t in RESIDENT for t in p.tiers)  # noqa: E731
+    if cpu and storage == "disk" and depths[0] == (0, 1) and (0, 2) in depths:  # double buffering (see above)
+        try:
+            best = _plan(ckpt, budget, storage, 0, 2, **kw)
+        except BudgetError:
+            pass
+    floor = resident(best)
     for k, r in depths[1:]:
+        if (k, r) <= (best.nslots, best.nreadbufs) or best.nreadbufs == 0:
+            continue
         try:
             p = _plan(ckpt, budget, storage, k, r, **kw)
         except BudgetError:
             continue
-        if resident(p) >= resident(base):
+        if resident(p) >= floor:
             best = p
     return dataclasses.replace(best, minimum_bytes=base.minimum_bytes)
 
