@@ -164,7 +164,8 @@ def test_ceilings_measure_something(tmp_path):
     f.write_bytes(torch.randint(0, 255, (3 << 20,), dtype=torch.uint8).numpy().tobytes())
     d = disk_read_gbps([tmp_path], block=1 << 20, depths=(1,), chunks=(1 << 20,))
     assert d["bytes"] == 3 << 20 and d["GBps"] > 0
-    assert memory_gbps(nbytes=8 << 20, reps=2)["GBps"] > 0
+    mem = memory_gbps(nbytes=8 << 20, reps=2)
+    assert mem["GBps"] > 0 and mem["copy_GBps"] > 0 and mem["bytes"] == 8 << 20
 
 
 def test_disk_ceiling_is_the_best_of_every_queue_depth_and_request_size(tmp_path):

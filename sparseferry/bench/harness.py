@@ -399,7 +399,7 @@ def bench(model_dir=None, *, out, budget=None, storage: str | None = None, scena
         bar.close()
 
     machine = {"disk_read_GBps": disk["GBps"] if disk else None, "disk_read_direct": disk["direct"] if disk else None,
-               "mem_GBps": mem["GBps"], "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())}
+               "mem_GBps": mem["GBps"], "mem_copy_GBps": mem.get("copy_GBps"), "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())}
     if disk:
         single = max((e["GBps"] for e in disk["sweep"] if e["depth"] == 1), default=None)
         machine.update(disk_read_depth=disk["depth"], disk_read_chunk=disk["chunk"], disk_read_sweep=disk["sweep"],

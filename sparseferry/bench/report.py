@@ -120,7 +120,8 @@ def ceilings_line(m: dict) -> str:
             if m.get("disk_read_single_stream_GBps") is not None:
                 disk += f"; one request stream {m['disk_read_single_stream_GBps']:.2f} GB/s"
         disk += ")"
-    return (f"Ceilings of this run: {disk}, memory {m['mem_GBps']:.1f} GB/s (copy, read + write counted); "
+    copy = f" (a copy: {m['mem_copy_GBps']:.1f} GB/s, read + write counted)" if m.get("mem_copy_GBps") else ""
+    return (f"Ceilings of this run: {disk}, memory read {m['mem_GBps']:.1f} GB/s{copy}; "
             f"{m['cpu_count']} CPUs, load average {m['load_average'][0]:.2f}.")
 
 
