@@ -455,6 +455,24 @@ def test_native_kernels_reject_group_offsets_outside_scales(native_path, monkeyp
         K.sparse_matmul(torch.ones(1, 100, dtype=torch.bfloat16), bad)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("corrupt", ["count_up", "count_down"])
+def test_quantized_rows_whose_mask_disagrees_with_the_offsets_are_refused_mid_matrix(native_path, monkeypatch, fmt,
+                                                                                      corrupt):
+    """A row far from the end of the values has its mask counted by the kernel as it goes (no count
+    could read outside the buffers there): a disagreement is still found and names a row, on every
+    path, for quantized values as for plain ones."""
+    monkeypatch.setenv(K.ENV_VAR, native_path)
+    _, q = quantized(40, 300, 0.5, torch.bfloat16, fmt, 32)
+    ro = q.row_offsets.clone()
+    ro[10] += 1 if corrupt == "count_up" else -1  # rows 9 and 10 disagree with their masks
+    bad = dataclasses.replace(q, row_offsets=ro)
+    with pytest.raises(FormatError, match=r"row (9|10)\b"):
+        K.sparse_matmul(torch.ones(1, 300, dtype=torch.bfloat16), bad)
+    with pytest.raises(FormatError, match=r"row (9|10)\b"):
+        K.decompress(bad)
+
+
 # ------------------------------------------------------------------------------------------------
 # Triton (in the interpreter, on CPU tensors)
 
