@@ -162,9 +162,20 @@ def test_plan_fills_the_budget_resident_first(tmp_path):
     mixed = make_plan(ckpt, b["mixed"])
     assert mixed.device_bytes <= b["mixed"] and mixed.nreadbufs == 2
     assert sum(t in ("dense", "compressed") for t in mixed.tiers) >= 2
-    # resident layers come first: the stream is a suffix
-    first_streamed = mixed.tiers.index("disk")
-    assert all(t == "disk" for t in mixed.tiers[first_streamed:])
+    # resident layers are spread over the stack, not bunched: no two streamed runs differ by more than one
+    resident = [i for i, t in enumerate(mixed.tiers) if t in ("dense", "compressed")]
+    gaps = [b - a - 1 for a, b in zip([-1] + resident, resident + [len(mixed.tiers)])]
+    assert max(gaps) - min(gaps) <= 1 or len(resident) == len(mixed.tiers), mixed.tiers
+
+
+def test_resident_layers_are_spread_evenly_so_each_read_overlaps_compute():
+    from sparseferry.runtime.plan import resident_order
+
+    assert resident_order([10] * 22, 80)[:8] == [1, 4, 6, 9, 12, 15, 17, 20]
+    assert resident_order([10] * 6, 20)[:2] == [1, 4]
+    assert resident_order([10] * 6, 100) == list(range(6))  # all fit: layer order
+    assert resident_order([10] * 6, 5) == list(range(6))  # none fit
+    assert sorted(resident_order([5, 30, 10, 10], 25)) == [0, 1, 2, 3]  # unequal sizes: every layer offered
 
 
 def test_budget_strings_parse():

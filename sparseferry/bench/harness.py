@@ -397,13 +397,20 @@ def bench(model_dir=None, *, out, budget=None, storage: str | None = None, scena
             raw[s.name]["weights"] = acc
     finally:
         bar.close()
+    if disk is not None:  # the disk drifts: the sweep again after the systems, the better of the two is the ceiling
+        after = ceilings.disk_read_gbps([model_dir], max_bytes=min(dense_bytes, 2 << 30))
+        before = disk
+        disk = dict(max((before, after), key=lambda d: d["GBps"]))
+        disk["before_GBps"], disk["after_GBps"] = before["GBps"], after["GBps"]
+        disk["sweep"] = before["sweep"] + after["sweep"]
 
     machine = {"disk_read_GBps": disk["GBps"] if disk else None, "disk_read_direct": disk["direct"] if disk else None,
                "mem_GBps": mem["GBps"], "mem_copy_GBps": mem.get("copy_GBps"), "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())}
     if disk:
         single = max((e["GBps"] for e in disk["sweep"] if e["depth"] == 1), default=None)
         machine.update(disk_read_depth=disk["depth"], disk_read_chunk=disk["chunk"], disk_read_sweep=disk["sweep"],
-                       disk_read_single_stream_GBps=single)
+                       disk_read_single_stream_GBps=single, disk_read_before_GBps=disk["before_GBps"],
+                       disk_read_after_GBps=disk["after_GBps"])
     setup = {"model_dir": str(model_dir), "dense_dir": str(sources["unpruned"]) if sources["unpruned"] else None,
              "synthetic": synthetic, "dense_weight_bytes": dense_bytes, "budget": str(budget), "budget_bytes": budget_bytes,
              "storage": storage, "scenario": scenario, "batch": batch, "prompt_tokens": prompt_tokens,

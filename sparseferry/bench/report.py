@@ -115,8 +115,11 @@ def ceilings_line(m: dict) -> str:
     else:
         disk = f"disk read {m['disk_read_GBps']:.2f} GB/s (O_DIRECT {'yes' if m['disk_read_direct'] else 'no'}"
         if m.get("disk_read_sweep"):
-            disk += (f", best of {len(m['disk_read_sweep'])} queue depths x request sizes: {m['disk_read_depth']} in flight, "
-                     f"{m['disk_read_chunk'] >> 10} KiB")
+            sweeps = 2 if m.get("disk_read_after_GBps") is not None else 1
+            disk += (f", best of {len(m['disk_read_sweep']) // sweeps} queue depths x request sizes"
+                     + (f" swept before ({m['disk_read_before_GBps']:.2f}) and after ({m['disk_read_after_GBps']:.2f}) the systems"
+                        if sweeps == 2 else "")
+                     + f": {m['disk_read_depth']} in flight, {m['disk_read_chunk'] >> 10} KiB")
             if m.get("disk_read_single_stream_GBps") is not None:
                 disk += f"; one request stream {m['disk_read_single_stream_GBps']:.2f} GB/s"
         disk += ")"

@@ -8,7 +8,8 @@ Tiers, fastest first:
 
 The planner puts the non-layer weights (embeddings, norms, lm_head) on the device first, reserves the
 streaming buffers (dense slots or a scratch matrix, and read buffers), then makes as many decoder layers resident as fit,
-compressed first (it lets more fit), then upgrades layers to dense with what is left.
+compressed first (it lets more fit), spread evenly over the stack (`resident_order`: every streamed layer
+is then read while resident layers compute), then upgrades layers to dense with what is left.
 
 Mixture-of-experts layers are planned in two parts: the layer's base (attention, norms, router,
 shared experts), which every token uses, and its experts, of which a token uses a few. Bases are
@@ -155,6 +156,22 @@ def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslot
     return dataclasses.replace(best, minimum_bytes=base.minimum_bytes)
 
 
+def resident_order(stored: list[int], avail: int) -> list[int]:
+    """The order in which layers are offered residency: first the k layers that fit in layer order,
+    moved to evenly spaced positions (k of n: the (j + 1/2) n / k-th), then every other layer.
+
+    Spread out, each streamed layer is read while the resident layers before it compute; as a
+    prefix (or suffix) the disk would idle through all the resident layers, with at most the read
+    buffers' worth read ahead."""
+    n, k, room = len(stored), 0, avail
+    for b in stored:
+        if b > room:
+            break
+        room, k = room - b, k + 1
+    spread = sorted({min(n - 1, int((j + 0.5) * n / k)) for j in range(k)}) if 0 < k < n else []
+    return spread + [i for i in range(n) if i not in set(spread)]
+
+
 def scratch_bytes(ckpt: Checkpoint) -> int:
     """Dense bytes of the largest bitmap-encoded matrix inside the decoder layers (an expert's slice for experts)."""
     entries = (sub for t in ckpt.tensors.values() if t.layer is not None
@@ -212,7 +229,7 @@ def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nread
                           f"for this model ({' + '.join(parts)})", minimum_bytes=minimum)
     tiers = ["disk" if reads else "host"] * n
     avail = (budget if budget is not None else fixed + stream_cost + sum(stored)) - fixed - stream_cost
-    for i in range(n):  # as many layers resident as fit, compressed
+    for i in resident_order(stored, avail):  # as many layers resident as fit, compressed, spread out
         if stored[i] <= avail:
             tiers[i], avail = "compressed", avail - stored[i]
     nreadbufs_used = nreadbufs if reads else 0
