@@ -147,6 +147,7 @@ class FileReader:
         self.path = Path(path)
         self.direct = False
         self.fd = -1
+        self._retired: list[int] = []  # direct descriptors replaced by a buffered one (see _fall_back_to_buffered)
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
@@ -211,11 +212,16 @@ class FileReader:
     def _fall_back_to_buffered(self) -> None:
         if not self.direct:
             return
-        os.close(self.fd)
+        # The direct descriptor stays open until close(): other reads queued on it may still be
+        # running, and a closed number could be reused by another file under them.
+        self._retired.append(self.fd)
         self.fd = os.open(self.path, os.O_RDONLY)
         self.direct, self.drop_after_read = False, True
 
     def close(self):
+        for fd in getattr(self, "_retired", ()):
+            os.close(fd)
+        self._retired = []
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

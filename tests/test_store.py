@@ -546,3 +546,33 @@ def test_disk_full_errnos_are_the_ones_translated():
     from sparseferry.store import _DISK_FULL
 
     assert set(_DISK_FULL) == {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def test_a_filesystem_refusing_a_direct_read_falls_back_to_buffered_reads_for_good(tmp_path, monkeypatch):
+    """O_DIRECT accepted at open but a read refused with EINVAL (some filesystems): the same bytes come
+    back through buffered reads from then on, and the direct descriptor is closed with the reader."""
+    import errno
+
+    path = tmp_path / "bytes"
+    payload = torch.randint(0, 256, (12 * 4096 + 7,), dtype=torch.uint8).numpy().tobytes()
+    path.write_bytes(payload)
+    single = sf_io._readinto_all
+    refused: set[int] = set()
+
+    def refusing(fd, mv, offset):
+        if fd in refused:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return single(fd, mv, offset)
+
+    buf = aligned_empty(buffer_size_for(0, len(payload)))
+    with FileReader(path, direct=True, depth=4, chunk=4096) as r:
+        if not r.direct:
+            pytest.skip("O_DIRECT refused at open on this filesystem")
+        direct_fd = r.fd
+        refused.add(direct_fd)
+        monkeypatch.setattr(sf_io, "_readinto_all", refusing)
+        for start, end in [(0, len(payload)), (5, 4099), (0, 1)]:  # a split read, then single ones
+            assert r.read_range(start, end, buf).numpy().tobytes() == payload[start:end]
+            assert not r.direct and r.fd != direct_fd
+    link = f"/proc/self/fd/{direct_fd}"  # closed with the reader (the number may since name another file)
+    assert not os.path.exists(link) or os.readlink(link) != str(path)
