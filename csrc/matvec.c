@@ -274,7 +274,7 @@ static int64_t matvec_avx512(const sf_quant *q, int dtype, int64_t rows, int64_t
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             const uint8_t *m = bitmask + r * mask_stride;
-            const char *src, *src_end;
+            const char *src = NULL, *src_end;
             int64_t start, n = -1; /* n >= 0: the row's mask is counted by the kernel and checked after */
             int ok = 0;
             if (!q) {
@@ -282,11 +282,10 @@ static int64_t matvec_avx512(const sf_quant *q, int dtype, int64_t rows, int64_t
                 ok = span != SF_SPAN_BAD;
                 if (span != SF_SPAN_DEFERRED) n = -1;
                 src = vals + start * es;
-            } else if (scratch) {
+            } else if (scratch) { /* dequantized into scratch: its mask counted first (row_values) */
                 ok = row_values(SF_PATH_AVX512, q, dtype, r, rows, cols, nnz, vals, m, row_offsets, scratch, &src,
                                 &src_end);
             }
-            (void)src_end;
             /* Groups of GROUP rows of x; after the first, the row of W comes from L1/L2, not memory. */
             for (int64_t b0 = 0; ok && b0 < batch; b0 += GROUP) {
                 int nb = batch - b0 < GROUP ? (int)(batch - b0) : GROUP;

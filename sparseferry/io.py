@@ -20,7 +20,7 @@ import errno
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -182,21 +182,18 @@ class FileReader:
             raise ValueError(f"buffer of {buf.numel()} bytes at {buf.data_ptr():#x} cannot take an aligned read of {b - a}")
         mv = memoryview(buf.numpy())[: b - a]
         size, count = split_read(b - a, self.depth, self.chunk)
-        if count == 1:
+        if count == 1:  # one request: read here, its outcome handed over as a finished future
+            fut: Future = Future()
             try:
-                got = _readinto_all(self.fd, mv, a)
+                fut.set_result(_timed_read(self.fd, mv, a))
             except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self._fall_back_to_buffered()
-                return PendingRead(self, start, end, buf, view=self._read_buffered(start, end, buf), submitted=t0)
-            if got < end - a:
-                raise OSError(errno.EIO, f"{self.path}: short read ({got} of {end - a} bytes at {a})")
-            return PendingRead(self, start, end, buf, view=buf[start - a : end - a], submitted=t0)
-        pool = _pool(self.depth)
-        chunks = [(c, min(size, b - a - c), pool.submit(_timed_read, self.fd, mv[c : c + size], a + c))
-                  for c in range(0, b - a, size)]
-        return PendingRead(self, start, end, buf, a=a, chunks=chunks)
+                fut.set_exception(e)
+            chunks = [(0, b - a, fut)]
+        else:
+            pool = _pool(self.depth)
+            chunks = [(c, min(size, b - a - c), pool.submit(_timed_read, self.fd, mv[c : c + size], a + c))
+                      for c in range(0, b - a, size)]
+        return PendingRead(self, start, end, buf, a=a, chunks=chunks, submitted=t0)
 
     def _read_buffered(self, start: int, end: int, buf: torch.Tensor) -> torch.Tensor:
         if buf.numel() < end - start:

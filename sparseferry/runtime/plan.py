@@ -138,15 +138,14 @@ def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslot
     base = _plan(ckpt, budget, storage, *depths[0], **kw)  # raises BudgetError stating the true minimum
     best = base
     resident = lambda p: sum(t in RESIDENT for t in p.tiers)  # noqa: E731
-    if cpu and storage == "disk" and depths[0] == (0, 1) and (0, 2) in depths:  # double buffering (see above)
+    floor = resident(base)
+    if cpu and storage == "disk" and (0, 2) in depths:  # double buffering first (see above)
         try:
             best = _plan(ckpt, budget, storage, 0, 2, **kw)
+            floor = resident(best)
         except BudgetError:
             pass
-    floor = resident(best)
     for k, r in depths[1:]:
-        if (k, r) <= (best.nslots, best.nreadbufs) or best.nreadbufs == 0:
-            continue
         try:
             p = _plan(ckpt, budget, storage, k, r, **kw)
         except BudgetError:
@@ -169,7 +168,8 @@ def resident_order(stored: list[int], avail: int) -> list[int]:
             break
         room, k = room - b, k + 1
     spread = sorted({min(n - 1, int((j + 0.5) * n / k)) for j in range(k)}) if 0 < k < n else []
-    return spread + [i for i in range(n) if i not in set(spread)]
+    taken = set(spread)
+    return spread + [i for i in range(n) if i not in taken]
 
 
 def scratch_bytes(ckpt: Checkpoint) -> int:
