@@ -360,4 +360,4 @@ def test_views_of_resident_layers_are_made_once_and_disk_layers_at_every_use(tmp
             if storage == "host":
                 assert calls[i] == first[i], (i, first, calls)
             else:  # every pass reads every layer again (and may already have read ahead into the next)
-                assert calls[i] - first[i] >= 3, (i, first, calls)
+                assert calls[i] >= 4, (i, first, calls)  # four passes
