@@ -237,6 +237,7 @@ void sf_init_tables(void) {
         }
     }
     sf_init_avx2_tables();
+    sf_init_qx_tables();
     g_tables_ready = 1;
 }
 

@@ -62,6 +62,13 @@ AVX2_TARGET INLINE __m256 weights8(int f16, const uint16_t *p, unsigned m) {
     return _mm256_castsi256_ps(_mm256_shuffle_epi8(v, _mm256_load_si256((const __m256i *)g_bf16_f32[m])));
 }
 
+/* The same, with the table row's byte offset m * 32 given. */
+AVX2_TARGET INLINE __m256 weights8r(int f16, const uint16_t *p, uint64_t off) {
+    if (f16) return weights8(1, p, (unsigned)(off >> 5));
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(v, _mm256_load_si256((const __m256i *)((const char *)g_bf16_f32 + off))));
+}
+
 /* acc[b] = W[row] . x[b] for NB rows of the padded fp32 x (stride xs); values at src (>= 16 bytes
  * readable past the row's last value), mask the row's bitmap. NA accumulators per row of x. */
 #define ROW_SPARSE(NAME, F16, NB, NA)                                                                         \
@@ -79,8 +86,8 @@ AVX2_TARGET INLINE __m256 weights8(int f16, const uint16_t *p, unsigned m) {
             SF_PREFETCH((const char *)src + SF_PREFETCH_AHEAD + 64);                                         \
             if (!(j & 511)) SF_PREFETCH(mask + j / 8 + SF_PREFETCH_AHEAD / 8);                               \
             for (int k = 0; k < 8; k++) {                                                                     \
-                const uint16_t *p = src + (k ? _mm_popcnt_u64(m & ((1ull << (8 * k)) - 1)) : 0);              \
-                __m256 w = weights8(F16, p, (unsigned)(m >> (8 * k)) & 0xff);                                 \
+                const uint16_t *p = src + (k ? _mm_popcnt_u64(_bzhi_u64(m, 8 * k)) : 0);                      \
+                __m256 w = weights8r(F16, p, k ? ((m >> (8 * k - 5)) | (m << (69 - 8 * k))) & 0x1fe0 : (m & 0xff) << 5); \
                 for (int b = 0; b < NB; b++)                                                                  \
                     acc[b][k % NA] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * xs + j + 8 * k), acc[b][k % NA]); \
             }                                                                                                 \

@@ -138,9 +138,9 @@ static PyObject *py_decompress_q(PyObject *self, PyObject *args) {
 }
 
 /* matvec_q(path, qbits, out_dtype, rows, cols, nnz, codes, scales, zeros, group_offsets, group_size, nscales,
- *          bitmask, row_offsets, x, x_dtype, batch, y, threads) -> bad_row */
-static PyObject *py_matvec_q(PyObject *self, PyObject *args) {
-    (void)self;
+ *          bitmask, row_offsets, x, x_dtype, batch, y, threads) -> bad_row
+ * matvec_qx(the same arguments) -> bad_row, or -3 where int8 activations do not apply (see sf_matvec_qx) */
+static PyObject *matvec_q_any(PyObject *args, int int8_x) {
     int path, qbits, out_dtype, x_dtype, threads;
     long long rows, cols, nnz, group_size, nscales, batch;
     unsigned long long codes, scales, zeros, group_offsets, bitmask, row_offsets, x, y;
@@ -155,12 +155,26 @@ static PyObject *py_matvec_q(PyObject *self, PyObject *args) {
     if (!parse_quant(qbits, codes, scales, zeros, group_offsets, group_size, nscales, nnz, &q)) return NULL;
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
-    bad = sf_matvec_q(path, &q, out_dtype, rows, cols, nnz, (const uint8_t *)(uintptr_t)bitmask,
-                      (const int64_t *)(uintptr_t)row_offsets, (const void *)(uintptr_t)x, x_dtype, batch,
-                      (float *)(uintptr_t)y, threads < 1 ? 1 : threads);
+    if (int8_x)
+        bad = sf_matvec_qx(&q, rows, cols, nnz, (const uint8_t *)(uintptr_t)bitmask, (const int64_t *)(uintptr_t)row_offsets,
+                           (const void *)(uintptr_t)x, x_dtype, batch, (float *)(uintptr_t)y, threads < 1 ? 1 : threads);
+    else
+        bad = sf_matvec_q(path, &q, out_dtype, rows, cols, nnz, (const uint8_t *)(uintptr_t)bitmask,
+                          (const int64_t *)(uintptr_t)row_offsets, (const void *)(uintptr_t)x, x_dtype, batch,
+                          (float *)(uintptr_t)y, threads < 1 ? 1 : threads);
     Py_END_ALLOW_THREADS
     if (bad == -2) return PyErr_NoMemory();
     return PyLong_FromLongLong(bad);
+}
+
+static PyObject *py_matvec_q(PyObject *self, PyObject *args) {
+    (void)self;
+    return matvec_q_any(args, 0);
+}
+
+static PyObject *py_matvec_qx(PyObject *self, PyObject *args) {
+    (void)self;
+    return matvec_q_any(args, 1);
 }
 
 static PyMethodDef methods[] = {
@@ -170,6 +184,7 @@ static PyMethodDef methods[] = {
     {"matvec_dense", py_matvec_dense, METH_VARARGS, "y = x @ W.T for a dense row-major W (fp32 accumulation)."},
     {"decompress_q", py_decompress_q, METH_VARARGS, "Quantized bitmap -> dense, dequantizing; -1 or a bad row."},
     {"matvec_q", py_matvec_q, METH_VARARGS, "y = x @ W.T from a quantized bitmap; -1 or a bad row."},
+    {"matvec_qx", py_matvec_qx, METH_VARARGS, "matvec_q with x quantized to int8 per 32 columns; -3: not here."},
     {NULL, NULL, 0, NULL},
 };
 

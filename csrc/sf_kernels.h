@@ -89,6 +89,13 @@ int64_t sf_matvec_q(int path, const sf_quant *q, int out_dtype, int64_t rows, in
                     const uint8_t *bitmask, const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch,
                     float *y, int threads);
 
+/* y[batch, rows] (fp32) = x @ W.T with x quantized to int8 per 32 columns and integer dot products
+ * (matvec_qx.c, AVX2; lossy in x, see there). Returns -1, a bad row, -2 (out of memory) or -3 where
+ * it does not apply (no AVX2, or a zero point above 15): the caller then takes sf_matvec_q. */
+int64_t sf_matvec_qx(const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz, const uint8_t *bitmask,
+                     const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch, float *y, int threads);
+void sf_init_qx_tables(void);
+
 /* Row r's n values (first value `start`) refer only to groups inside scales. */
 int sf_quant_row_ok(const sf_quant *q, int64_t r, int64_t start, int64_t n);
 /* dst[0..n) = row r's n dequantized values (first value `start`), in out_dtype. */

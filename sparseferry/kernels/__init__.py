@@ -15,7 +15,9 @@ Quantized matrices (`format.QuantBitmapTensor`, int8 / int4 values) go through t
 path dequantizes while it decompresses (one pass, no dense intermediate), bit-exact to the
 reference `quant.decode_quant`; the fused CPU matvec dequantizes inside its multiply loop (AVX-512;
 other paths and fp32 values: into a scratch row first). AVX2 CPUs get their own fused loop
-(csrc/matvec_avx2.c: one table shuffle and one FMA per 8 columns).
+(csrc/matvec_avx2.c: one table shuffle and one FMA per 8 columns); for quantized values there the
+fused matvec quantizes x to int8 per 32 columns and multiplies in integers (csrc/matvec_qx.c, the
+approach of llama.cpp's Q8_0 / Q4_0 kernels; lossy in x, see `int8_activations`).
 """
 from __future__ import annotations
 
@@ -25,13 +27,15 @@ import os
 
 import torch
 
-from ..format import VALUE_DTYPES, BitmapTensor, decode
+from ..format import VALUE_DTYPES, BitmapTensor, QuantBitmapTensor, decode
 from . import native
 from .native import KernelError
 
-__all__ = ["MATVEC_MAX_BATCH", "KernelError", "decompress", "dense_matmul", "kernel_path", "sparse_matmul"]
+__all__ = ["MATVEC_MAX_BATCH", "KernelError", "decompress", "dense_matmul", "int8_activations", "kernel_path",
+           "sparse_matmul"]
 
 ENV_VAR = "SPARSEFERRY_KERNEL"
+EXACT_QUANT_ENV = "SPARSEFERRY_EXACT_QUANT"
 CPU_PATHS = ("avx512", "avx2", "c", "torch")
 
 # Up to this many rows of x, the fused kernel beats decompress + torch matmul on CPU.
@@ -123,6 +127,17 @@ def decompress(bt: BitmapTensor, out: torch.Tensor | None = None, *, threads: in
     return native.decompress(bt, out, path=path, threads=_threads(threads))
 
 
+def int8_activations(bt: BitmapTensor, path: str) -> bool:
+    """Whether sparse_matmul's fused kernel quantizes x to int8 for bt (csrc/matvec_qx.c).
+
+    Yes for int8 / int4 values on the AVX2 path (the default on CPUs without AVX-512 VBMI2), where
+    integer dot products beat dequantizing every weight, unless SPARSEFERRY_EXACT_QUANT=1. The
+    AVX-512 path and the others keep x as it is (exact: only the weights are rounded).
+    """
+    return (isinstance(bt, QuantBitmapTensor) and path == "avx2"
+            and os.environ.get(EXACT_QUANT_ENV, "").strip() not in ("1", "true", "yes"))
+
+
 def sparse_matmul(x: torch.Tensor, bt: BitmapTensor, bias: torch.Tensor | None = None, *,
                   threads: int | None = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) for W = the matrix of bt [rows, cols]; x [..., cols] -> y [..., rows] in x's dtype.
@@ -142,7 +157,8 @@ def sparse_matmul(x: torch.Tensor, bt: BitmapTensor, bias: torch.Tensor | None =
     batch = math.prod(lead)
     path = kernel_path(x.device)
     if path in native.PATHS and 0 < batch <= MATVEC_MAX_BATCH:
-        y = native.matvec(x.reshape(batch, cols), bt, path=path, threads=_threads(threads))  # fp32 [batch, rows]
+        y = native.matvec(x.reshape(batch, cols), bt, path=path, threads=_threads(threads),
+                          int8_x=int8_activations(bt, path))  # fp32 [batch, rows]
         if bias is not None:
             y += bias.float()
         return y.to(x.dtype).reshape(*lead, rows)

@@ -121,8 +121,13 @@ def decompress(bt: BitmapTensor, out: torch.Tensor, *, path: str, threads: int) 
     return out
 
 
-def matvec(x: torch.Tensor, bt: BitmapTensor, *, path: str, threads: int) -> torch.Tensor:
-    """y = x @ W.T for x [batch, cols] (any float dtype, CPU): fp32 [batch, rows], accumulated in fp32."""
+def matvec(x: torch.Tensor, bt: BitmapTensor, *, path: str, threads: int, int8_x: bool = False) -> torch.Tensor:
+    """y = x @ W.T for x [batch, cols] (any float dtype, CPU): fp32 [batch, rows], accumulated in fp32.
+
+    int8_x (quantized bt only): x quantized to int8 per 32 columns, integer dot products with the
+    codes (csrc/matvec_qx.c; reference `reference.sparse_matmul_int8x_reference`); where that kernel
+    does not apply (no AVX2, a zero point above 15) the exact kernel runs instead.
+    """
     check_bitmap(bt)
     rows, cols = bt.shape
     # [batch, cols] contiguous, bf16 or fp32: bf16 x meets bf16 W in one dot instruction (AVX512_BF16)
@@ -130,8 +135,11 @@ def matvec(x: torch.Tensor, bt: BitmapTensor, *, path: str, threads: int) -> tor
     batch = x.shape[0]
     y = torch.empty(batch, rows, dtype=torch.float32)
     if batch and rows and isinstance(bt, QuantBitmapTensor):  # each row dequantized, then multiplied
-        bad = _native.matvec_q(PATHS[path], *_quant_args(bt), bt.bitmask.data_ptr(), bt.row_offsets.data_ptr(),
-                               x.data_ptr(), _DTYPE_CODES[x.dtype], batch, y.data_ptr(), threads)
+        args = (PATHS[path], *_quant_args(bt), bt.bitmask.data_ptr(), bt.row_offsets.data_ptr(),
+                x.data_ptr(), _DTYPE_CODES[x.dtype], batch, y.data_ptr(), threads)
+        bad = _native.matvec_qx(*args) if int8_x else -3
+        if bad == -3:
+            bad = _native.matvec_q(*args)
         if bad >= 0:
             _raise_bad_row(bt, bad)
     elif batch and rows:
