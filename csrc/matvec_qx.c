@@ -2,7 +2,7 @@
  * int8 / int4 codes of W meet x quantized to int8 in integer dot products, llama.cpp's approach
  * for its Q8_0 / Q4_0 types, here straight from the bitmap format.
  *
- * x (docs/FORMAT.md, section 1b, "int8 activations"): per row of x, per block of 32 columns,
+ * x: per row of x, per block of 32 columns,
  *     d = max|x| / 127 (fp32),  xq = round_half_even(x / d) in [-127, 127]  (0 where d == 0);
  *     a block holding Inf or NaN gets d = NaN (its products, and so the row's result, are NaN).
  * W: value i of a row, in group g, is w_i = code_i (int8) or nibble_i - zeros[g] (int4), an

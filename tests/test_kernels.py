@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import sparseferry.kernels as K
 from sparseferry.format import BLOCK_COLS, BitmapTensor, FormatError, decode, encode
 from sparseferry.kernels import native
-from sparseferry.kernels.reference import sparse_matmul_reference
+from sparseferry.kernels.reference import quantize_activations, sparse_matmul_int8x_reference, sparse_matmul_reference
 from sparseferry.quant import dequantize_values, quantize
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -308,12 +308,37 @@ def test_dense_matmul_is_linear_with_one_rounding_and_falls_back_beyond_its_case
         want = x.float() @ w.float().T + bias.float()
         tol = fp32_error_bound(x.reshape(-1, 70), w).reshape(want.shape) + 2 * torch.finfo(dtype).eps * want.abs()
         assert got.dtype == dtype and got.shape == want.shape and ((got.float() - want).abs() <= tol).all()
-    x = torch.randn(3, 3, 70).to(dtype)  # 9 rows: beyond the fused kernel's batch, torch's linear itself
-    assert torch.equal(K.dense_matmul(x, w, bias), torch.nn.functional.linear(x, w, bias))
+    x = torch.randn(K.MATVEC_MAX_BATCH + 1, 70).to(dtype)  # beyond the fused kernel's batch: linear_wide
+    assert torch.equal(K.dense_matmul(x, w, bias), K.linear_wide(x, w, bias))
     # a transposed (non-contiguous) weight: torch's own linear, same numbers
     wt = torch.randn(70, 33).to(dtype).T
     x = torch.randn(1, 70).to(dtype)
     torch.testing.assert_close(K.dense_matmul(x, wt), torch.nn.functional.linear(x, wt))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_wide_is_torch_linear_or_an_fp32_one_where_half_gemm_is_slow(dtype, monkeypatch):
+    """Where torch's bf16 / fp16 GEMM is slow, linear_wide computes in fp32 (W converted a few rows at a
+    time: chunks of 5 rows here, so the last one is partial) and rounds once; elsewhere it is torch's."""
+    w, bias = torch.randn(33, 70).to(dtype), torch.randn(33).to(dtype)
+    x = torch.randn(2, 20, 70).to(dtype)
+    monkeypatch.setattr(K, "WIDE_CHUNK_BYTES", 5 * 70 * 4)
+    for slow in (False, True):
+        monkeypatch.setitem(K.SLOW_HALF_GEMM, dtype, slow)
+        got = K.linear_wide(x, w, bias)
+        if not slow or dtype == torch.float32:
+            assert torch.equal(got, torch.nn.functional.linear(x, w, bias))
+            continue
+        want = x.float() @ w.float().T + bias.float()
+        tol = fp32_error_bound(x.reshape(-1, 70), w).reshape(want.shape) + torch.finfo(dtype).eps * want.abs()
+        assert got.dtype == dtype and got.shape == (2, 20, 33) and ((got.float() - want).abs() <= tol).all()
+
+
+def test_fused_batch_limit_is_larger_where_half_gemm_is_slow():
+    assert K.MATVEC_MAX_BATCH == (32 if K.SLOW_HALF_GEMM[torch.bfloat16] else 8)
+    assert K._slow_half_gemm({"avx2", "avx512_bf16"}) == {torch.bfloat16: False, torch.float16: True}
+    assert K._slow_half_gemm({"avx2", "fma"}) == {torch.bfloat16: True, torch.float16: True}
+    assert K._slow_half_gemm(set()) == {torch.bfloat16: False, torch.float16: False}  # unknown: torch's own
 
 
 def test_dense_matmul_never_reads_a_tensor_subclass_such_as_a_streamed_placeholder():
@@ -401,8 +426,10 @@ def test_quantized_decompress_is_bit_exact_over_shapes_sparsities_and_group_boun
 
 
 @pytest.mark.parametrize("fmt,g", [("int8", 3), ("int4", 64)])
-def test_quantized_sparse_matmul_matches_reference_on_every_path(path, fmt, g):
-    """Fused (quantized rows dequantized into a scratch row) up to MATVEC_MAX_BATCH, decompress + linear beyond."""
+def test_quantized_sparse_matmul_matches_reference_on_every_path(path, fmt, g, monkeypatch):
+    """Fused (quantized rows dequantized into a scratch row) up to MATVEC_MAX_BATCH, decompress + linear
+    beyond; exact activations (int8 ones: below)."""
+    monkeypatch.setenv(K.EXACT_QUANT_ENV, "1")
     for dtype in DTYPES:
         want_w, q = quantized(65, BLOCK_COLS + 1, 0.5, dtype, fmt, g)
         for batch in (1, 3, 17):
@@ -471,6 +498,100 @@ def test_quantized_rows_whose_mask_disagrees_with_the_offsets_are_refused_mid_ma
         K.sparse_matmul(torch.ones(1, 300, dtype=torch.bfloat16), bad)
     with pytest.raises(FormatError, match=r"row (9|10)\b"):
         K.decompress(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# quantized values with int8 activations (AVX2: csrc/matvec_qx.c)
+
+
+@pytest.fixture
+def avx2():
+    _skip_unless_runs("avx2")
+    return "avx2"
+
+
+def test_activation_quantization_follows_its_formula():
+    """Per 32 columns: d = max|x| / 127, xq = round(x / d) within [-127, 127], so |x - xq * d| <= d / 2;
+    an all-zero block has d = 0 and xq = 0; a block with Inf or NaN has d = NaN."""
+    x = torch.randn(3, 70) * torch.tensor([1e-3, 1.0, 1e4])[:, None]
+    x[1, 32:64] = 0
+    x[2, 5] = float("inf")
+    xq, d = quantize_activations(x)
+    assert xq.dtype == torch.int8 and xq.shape == (3, 96) and d.shape == (3, 3)
+    assert (xq[:, 70:] == 0).all() and (xq.abs() <= 127).all()
+    assert d[1, 1] == 0 and (xq[1, 32:64] == 0).all()
+    assert d[2, 0].isnan() and (xq[2, :32] == 0).all()
+    ok = d.isfinite()[..., None].expand(3, 3, 32).reshape(3, 96)[:, :70]
+    back = xq[:, :70].float() * d.repeat_interleave(32, dim=1)[:, :70]
+    assert ((x - back).abs() <= d.repeat_interleave(32, dim=1)[:, :70] / 2 * (1 + 1e-6))[ok].all()
+    blocks = torch.nn.functional.pad(x, (0, 26)).reshape(3, 3, 32)
+    assert torch.equal(d[0], blocks[0].abs().amax(-1) / 127)
+
+
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32], ids=str)
+def test_int8_activation_matvec_matches_its_reference_within_fp32_rounding(avx2, xdtype):
+    """The integer sums are exact, so the kernel and its float64 reference differ only by the fp32
+    rounding of the scaled partial sums; group sizes 1, 5, 7, 32, 128 and per row put group ends
+    anywhere inside 32-column steps, odd row counts start int4 rows mid-byte, batches cover every
+    group of 4 rows of x."""
+    for fmt, g in QUANT + [("int8", 1), ("int4", 1), ("int8", 128), ("int4", 128), ("int4", 0)]:
+        for rows, cols in [(1, 1), (7, 17), (17, 63), (5, 64), (3, BLOCK_COLS + 1), (2, 2 * BLOCK_COLS + 33)]:
+            for sparsity in SPARSITIES:
+                _, q = quantized(rows, cols, sparsity, torch.bfloat16, fmt, g)
+                for batch in (1, 2, 5, 9):
+                    x = torch.randn(batch, cols).to(xdtype)
+                    got = native.matvec(x, q, path=avx2, threads=2, int8_x=True).double()
+                    want, size = sparse_matmul_int8x_reference(x, q)
+                    assert ((got - want).abs() <= 64 * 2.0**-24 * size + 1e-30).all(), (fmt, g, rows, cols, sparsity, batch)
+
+
+def test_int8_activations_cost_at_most_half_a_step_of_x_per_weight(avx2):
+    """Against the exact product of x with the unrounded dequantized weights, the only error is x's
+    rounding: |y - exact| <= sum_j |W[r, j]| * d(j) / 2 (plus fp32 rounding)."""
+    for fmt, g in [("int8", 128), ("int4", 128), ("int8", 7)]:
+        _, q = quantized(64, 1000, 0.5, torch.bfloat16, fmt, g)
+        w = torch.zeros(q.shape, dtype=torch.float64).masked_scatter_(_mask(q), dequantize_values(q).double())
+        x = torch.randn(3, 1000) * torch.linspace(0.01, 10, 1000)  # blocks of very different scales
+        got = native.matvec(x, q, path=avx2, threads=2, int8_x=True).double()
+        _, d = quantize_activations(x)
+        half_step = d.double().repeat_interleave(32, dim=1)[:, :1000] / 2
+        bound = half_step @ w.abs().T + 1e-5 * (x.double().abs() @ w.abs().T)
+        err = (got - x.double() @ w.T).abs()
+        assert (err <= bound).all() and (err > 0).any()
+
+
+def _mask(q) -> torch.Tensor:
+    bits = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return ((q.bitmask.unsqueeze(-1) & bits) != 0).reshape(q.shape[0], -1)[:, :q.shape[1]]
+
+
+def test_sparse_matmul_uses_int8_activations_on_avx2_unless_exact_is_asked_for(avx2, monkeypatch):
+    monkeypatch.setenv(K.ENV_VAR, avx2)
+    _, q = quantized(17, 300, 0.5, torch.bfloat16, "int4", 32)
+    _, plain = encoded(17, 300, 0.5, torch.bfloat16)
+    x = torch.randn(2, 300, dtype=torch.bfloat16)
+    assert K.int8_activations(q, "avx2") and not K.int8_activations(plain, "avx2")
+    assert not K.int8_activations(q, "avx512") and not K.int8_activations(q, "c")
+    assert K.int8_activations(q, "avx2", torch.float16) and not K.int8_activations(q, "avx2", torch.float32)
+    assert torch.equal(K.sparse_matmul(x.float(), q), native.matvec(x, q, path=avx2, threads=2))  # fp32 x: exact
+    fast = native.matvec(x, q, path=avx2, threads=2, int8_x=True).to(torch.bfloat16)
+    exact = native.matvec(x, q, path=avx2, threads=2).to(torch.bfloat16)
+    assert not torch.equal(fast, exact)
+    assert torch.equal(K.sparse_matmul(x, q), fast)
+    monkeypatch.setenv(K.EXACT_QUANT_ENV, "1")
+    assert not K.int8_activations(q, "avx2") and torch.equal(K.sparse_matmul(x, q), exact)
+
+
+def test_int8_activations_give_nan_for_a_non_finite_x_and_fall_back_for_wide_zero_points(avx2):
+    _, q = quantized(7, 100, 0.5, torch.bfloat16, "int4", 16)
+    x = torch.randn(2, 100)
+    x[1, 3] = float("nan")
+    y = native.matvec(x, q, path=avx2, threads=1, int8_x=True)
+    assert y[0].isfinite().all() and y[1].isnan().all()
+    wide = dataclasses.replace(q, zeros=q.zeros.clone().fill_(200))  # not a 4-bit zero point: c - z leaves the int8 lanes
+    x = torch.randn(1, 100)
+    assert torch.equal(native.matvec(x, wide, path=avx2, threads=1, int8_x=True),
+                       native.matvec(x, wide, path=avx2, threads=1))
 
 
 # ------------------------------------------------------------------------------------------------

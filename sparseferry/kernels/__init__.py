@@ -3,6 +3,7 @@
     decompress(bt, out=None, *, threads=None) -> dense [rows, cols]
     sparse_matmul(x, bt, bias=None, *, threads=None) -> x @ W.T (+ bias)
     dense_matmul(x, w, bias=None, *, threads=None) -> x @ w.T (+ bias) for a plain dense w
+    linear_wide(x, w, bias=None) -> torch's linear, in fp32 on CPUs whose bf16/fp16 GEMM is slow
     kernel_path(device="cpu") -> "avx512" | "avx2" | "c" | "torch" | "triton"
     MATVEC_MAX_BATCH: largest number of rows of x for which sparse_matmul uses the fused kernel
 
@@ -32,20 +33,50 @@ from . import native
 from .native import KernelError
 
 __all__ = ["MATVEC_MAX_BATCH", "KernelError", "decompress", "dense_matmul", "int8_activations", "kernel_path",
-           "sparse_matmul"]
+           "linear_wide", "sparse_matmul"]
 
 ENV_VAR = "SPARSEFERRY_KERNEL"
 EXACT_QUANT_ENV = "SPARSEFERRY_EXACT_QUANT"
 CPU_PATHS = ("avx512", "avx2", "c", "torch")
 
-# Up to this many rows of x, the fused kernel beats decompress + torch matmul on CPU.
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _slow_half_gemm(flags: set[str]) -> dict[torch.dtype, bool]:
+    """Whether torch's CPU GEMM in bf16 / fp16 is slow here: without AVX512_BF16 / AMX (bf16) or
+    AVX512_FP16 / AMX-FP16 (fp16) it converts inside its inner loop and runs several times slower
+    than fp32 on the same matrices (measured: 2.5-6x on an AVX2 Zen 3, 32-256 rows). Unknown CPUs
+    (no /proc/cpuinfo) keep torch's GEMM."""
+    if not flags:
+        return {torch.bfloat16: False, torch.float16: False}
+    return {torch.bfloat16: not ({"avx512_bf16", "amx_bf16"} & flags),
+            torch.float16: not ({"avx512_fp16", "amx_fp16"} & flags)}
+
+
+SLOW_HALF_GEMM = _slow_half_gemm(_cpu_flags())
+
+# Up to this many rows of x, the fused kernel beats decompress + matmul on CPU.
 # Measured with `python benchmarks/kernels.py --crossover --shapes 4096x4096` (bf16, 50% sparse,
 # AVX-512 path, 2-core AMD EPYC Zen 4): the fused kernel's cost grows with the batch (it re-runs
 # the expand + multiply per group of 4 rows of x; ~0.08 / 0.09 / 0.14 / 0.24 ms per 256x4096 rows
 # at batch 1 / 2 / 4 / 8, bf16 x), dense linear's barely does, and decompress + linear took
 # ~18-25 ms vs fused 17 ms at batch 8, 21 ms at 12, 27 ms at 16 (1 thread); with fp32 x (no
 # AVX512_BF16 dot) the fused kernel is ~1.6x slower per batch row, so 8 is where it wins for every x dtype.
-MATVEC_MAX_BATCH = 8
+# Where bf16 GEMM is slow (no AVX512_BF16: the matmul beyond then runs in fp32, `linear_wide`), the
+# fused kernel wins up to ~48 rows (AVX2 Zen 3, 5632 x 2048 bf16 at 50%: 12.8 ms fused vs 18.4
+# decompress + fp32 at 32 rows, 26.3 vs 20.7 at 64; torch's bf16 linear: 39.7 and 73.0 ms).
+MATVEC_MAX_BATCH = 32 if SLOW_HALF_GEMM[torch.bfloat16] else 8
+WIDE_CHUNK_BYTES = 4 << 20  # fp32 rows of W converted at a time by linear_wide (stays in L2/L3)
 
 _log = logging.getLogger(__name__)
 _noticed: set[str] = set()
@@ -127,14 +158,16 @@ def decompress(bt: BitmapTensor, out: torch.Tensor | None = None, *, threads: in
     return native.decompress(bt, out, path=path, threads=_threads(threads))
 
 
-def int8_activations(bt: BitmapTensor, path: str) -> bool:
+def int8_activations(bt: BitmapTensor, path: str, x_dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether sparse_matmul's fused kernel quantizes x to int8 for bt (csrc/matvec_qx.c).
 
-    Yes for int8 / int4 values on the AVX2 path (the default on CPUs without AVX-512 VBMI2), where
-    integer dot products beat dequantizing every weight, unless SPARSEFERRY_EXACT_QUANT=1. The
-    AVX-512 path and the others keep x as it is (exact: only the weights are rounded).
+    Yes for int8 / int4 values times bf16 / fp16 x (activations already rounded to 8 or 11 bits: the
+    int8 step per 32 columns, max|x| / 127, is of the same order) on the AVX2 path (the default on CPUs
+    without AVX-512 VBMI2), where integer dot products beat dequantizing every weight, unless
+    SPARSEFERRY_EXACT_QUANT=1. fp32 x, the AVX-512 path and the others stay exact (only the weights
+    are rounded).
     """
-    return (isinstance(bt, QuantBitmapTensor) and path == "avx2"
+    return (isinstance(bt, QuantBitmapTensor) and path == "avx2" and x_dtype in (torch.bfloat16, torch.float16)
             and os.environ.get(EXACT_QUANT_ENV, "").strip() not in ("1", "true", "yes"))
 
 
@@ -158,14 +191,36 @@ def sparse_matmul(x: torch.Tensor, bt: BitmapTensor, bias: torch.Tensor | None =
     path = kernel_path(x.device)
     if path in native.PATHS and 0 < batch <= MATVEC_MAX_BATCH:
         y = native.matvec(x.reshape(batch, cols), bt, path=path, threads=_threads(threads),
-                          int8_x=int8_activations(bt, path))  # fp32 [batch, rows]
+                          int8_x=int8_activations(bt, path, x.dtype))  # fp32 [batch, rows]
         if bias is not None:
             y += bias.float()
         return y.to(x.dtype).reshape(*lead, rows)
     w = decompress(bt, threads=threads)
     dt = torch.promote_types(x.dtype, w.dtype)  # never round W (or x) to a narrower dtype
-    y = torch.nn.functional.linear(x.to(dt), w.to(dt), None if bias is None else bias.to(dt))
-    return y.to(x.dtype)
+    return linear_wide(x.to(dt), w.to(dt), None if bias is None else bias.to(dt)).to(x.dtype)
+
+
+def linear_wide(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.nn.functional.linear(x, w, bias) for many rows of x; on a CPU whose bf16 / fp16 GEMM is
+    slow (SLOW_HALF_GEMM), computed in fp32 instead: W converted WIDE_CHUNK_BYTES of rows at a time
+    into one small reused buffer (no W-sized copy), one fp32 GEMM per chunk, the result rounded once
+    to x's dtype. More accurate than the half-precision GEMM, never less."""
+    if not (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype and w.dim() == 2
+            and w.dtype in (torch.bfloat16, torch.float16) and SLOW_HALF_GEMM[w.dtype] and type(w) in (torch.Tensor, torch.nn.Parameter)
+            and not (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad))):
+        return torch.nn.functional.linear(x, w, bias)
+    rows, cols = w.shape
+    xf = x.reshape(-1, cols).float()
+    out = torch.empty(xf.shape[0], rows, dtype=torch.float32)
+    step = max(1, min(rows, WIDE_CHUNK_BYTES // max(4 * cols, 1)))
+    buf = torch.empty(step, cols, dtype=torch.float32)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        chunk = buf[: r1 - r0].copy_(w[r0:r1])
+        out[:, r0:r1] = xf @ chunk.T
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], rows)
 
 
 def dense_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -193,4 +248,6 @@ def dense_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
         if bias is not None:
             y += bias.float()
         return y.to(x.dtype).reshape(*lead, w.shape[0])
-    return torch.nn.functional.linear(x, w, bias)
+    if path == "torch":  # no native kernel (or SPARSEFERRY_KERNEL=torch): torch's own linear
+        return torch.nn.functional.linear(x, w, bias)
+    return linear_wide(x, w, bias)

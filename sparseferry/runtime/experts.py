@@ -81,7 +81,7 @@ def find_router(block: nn.Module, experts: nn.Module, num_experts: int, hidden: 
 
 def _linear(x: torch.Tensor, w, bias, transposed: bool, scratch: torch.Tensor | None) -> torch.Tensor:
     """x @ W.T (or x @ W when transposed) + bias, W dense or stored (BitmapTensor)."""
-    from ..kernels import MATVEC_MAX_BATCH, decompress, kernel_path, sparse_matmul
+    from ..kernels import MATVEC_MAX_BATCH, decompress, kernel_path, linear_wide, sparse_matmul
 
     if isinstance(w, BitmapTensor):
         fused = x.shape[0] <= MATVEC_MAX_BATCH and kernel_path(x.device) != "torch"
@@ -92,7 +92,9 @@ def _linear(x: torch.Tensor, w, bias, transposed: bool, scratch: torch.Tensor | 
         out = scratch[:nbytes].view(w.dtype).view(rows, cols) if scratch is not None and scratch.numel() >= nbytes else None
         w = decompress(w, out=out)
     dt = torch.promote_types(x.dtype, w.dtype)
-    y = x.to(dt) @ w.to(dt) if transposed else F.linear(x.to(dt), w.to(dt))
+    if not transposed:  # in fp32 where half-precision GEMM is slow
+        return linear_wide(x.to(dt), w.to(dt), None if bias is None else bias.to(dt)).to(x.dtype)
+    y = x.to(dt) @ w.to(dt)
     if bias is not None:
         y = y + bias.to(dt)
     return y.to(x.dtype)
