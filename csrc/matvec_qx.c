@@ -10,10 +10,11 @@
  * y = sum over groups g of scales[g] * sum over blocks b of d_b * sum_{i in g, col(i) in b} w_i * xq[col(i)],
  * the innermost sum exact in int32, the outer two in fp32.
  *
- * Per 32 columns (mask m, bytes m0..m3, n = popcount(m) values):
+ * An int4 row is first unpacked into an int8 row in L1 (nibble minus its group's zero point, in
+ * [-15, 15]: unpack_int4), then multiplied exactly as an int8 row. Per 32 columns (mask m, bytes
+ * m0..m3, n = popcount(m) values):
  *   values:  two 16-byte runs of the codes, at the step's first value (for m0, m1) and at its
- *            popcount(m0 | m1 << 8)-th (for m2, m3), one per 128-bit lane (int4: 16 nibbles
- *            each, unpacked to bytes, the group's zero point subtracted);
+ *            popcount(m0 | m1 << 8)-th (for m2, m3), one per 128-bit lane;
  *   expand:  ONE vpshufb places them at their columns, zeros elsewhere. Its control per lane is
  *            the sum of two 16-byte table rows, lo[m0] + hi[m1]: lo holds m0's ranks (or 0x80) in
  *            bytes 0-7 and popcount(m0) in bytes 8-15, hi holds m1's ranks (or 0x80) in bytes 8-15,
@@ -89,17 +90,33 @@ void sf_init_qx_tables(void) {
     }
 }
 
-/* 16 codes from value index pos of the row's codes at c, as signed bytes (int4: minus zero z). */
-AVX2_TARGET INLINE __m128i codes16(int qbits, const uint8_t *c, int64_t pos, int z) {
-    if (qbits == 8) return _mm_loadu_si128((const __m128i *)(c + pos));
-    const uint8_t *p = c + (pos >> 1);
-    uint64_t lo;
-    memcpy(&lo, p, 8);
-    const unsigned sh = (unsigned)(pos & 1) * 4; /* odd: start at the high nibble (x << 1 << 63 is 0) */
-    lo = (lo >> sh) | ((uint64_t)p[8] << 1 << (63 - sh));
-    __m128i v = _mm_cvtsi64_si128((long long)lo), f = _mm_set1_epi8(0x0f);
-    __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(v, f), _mm_and_si128(_mm_srli_epi16(v, 4), f));
-    return _mm_sub_epi8(nib, _mm_set1_epi8((char)z));
+/* int4 rows first become int8 rows: out[k] = nibble(pos0 + k) of c minus its group's zero point, for
+ * k < n (value k of the row is in group gstart + k / G). Nibbles are unpacked 32 at a time from the
+ * even nibble at or before pos0 into raw (raw[k + (pos0 & 1)] = nibble(pos0 + k)), then each group's
+ * run is shifted into place with its zero point subtracted. Reads stay within n / 2 + 17 bytes of
+ * c + pos0 / 2; raw and out need n + 64 bytes. */
+AVX2_TARGET static void unpack_int4(const uint8_t *c, int64_t pos0, int64_t n, const sf_quant *q, int64_t gstart,
+                                    uint8_t *raw, int8_t *out) {
+    const int64_t o = pos0 & 1, G = q->group_size;
+    const uint8_t *p = c + (pos0 >> 1);
+    const __m256i lo = _mm256_set1_epi16(0x000f), hi = _mm256_set1_epi16(0x00f0);
+    for (int64_t k = 0; k < o + n; k += 32) {
+        __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + k / 2)));
+        w = _mm256_or_si256(_mm256_and_si256(w, lo), _mm256_slli_epi16(_mm256_and_si256(w, hi), 4));
+        _mm256_storeu_si256((__m256i *)(raw + k), w); /* byte 2j: low nibble of byte j, 2j + 1: its high nibble */
+    }
+    for (int64_t ks = 0, g = gstart; ks < n; ks += G, g++) {
+        __m256i z = _mm256_set1_epi8((char)(g < q->nscales ? q->zeros[g] : 0));
+        int64_t ke = ks + G < n ? ks + G : n;
+        for (int64_t k = ks; k < ke; k += 32) /* lanes past ke are rewritten by the next group */
+            _mm256_storeu_si256((__m256i *)(out + k),
+                                _mm256_sub_epi8(_mm256_loadu_si256((const __m256i *)(raw + o + k)), z));
+    }
+}
+
+/* 16 int8 codes from value index pos of the row's codes at c. */
+AVX2_TARGET INLINE __m128i codes16(const uint8_t *c, int64_t pos) {
+    return _mm_loadu_si128((const __m128i *)(c + pos));
 }
 
 /* 0xff in the bytes whose bit is set in the 32-bit column mask cm. */
@@ -138,10 +155,10 @@ AVX2_TARGET INLINE void qx_enter(const sf_quant *q, int64_t g, qx_group *st) {
 }
 
 /* The weights of the 32 columns under mask m, as signed bytes at their columns (zeros elsewhere),
- * from value index pos of the codes at c, with zero point z subtracted (int4). */
-AVX2_TARGET INLINE __m256i weights32(int qbits, const uint8_t *c, int64_t pos, uint32_t m, int z) {
+ * from value index pos of the int8 codes at c. */
+AVX2_TARGET INLINE __m256i weights32(const uint8_t *c, int64_t pos, uint32_t m) {
     const int64_t n01 = _mm_popcnt_u32(m & 0xffff);
-    __m256i v = _mm256_set_m128i(codes16(qbits, c, pos + n01, z), codes16(qbits, c, pos, z));
+    __m256i v = _mm256_set_m128i(codes16(c, pos + n01), codes16(c, pos));
     __m256i ctl = _mm256_add_epi8(_mm256_set_m128i(_mm_load_si128((const __m128i *)g_tab[(m >> 16) & 0xff][0]),
                                                    _mm_load_si128((const __m128i *)g_tab[m & 0xff][0])),
                                   _mm256_set_m128i(_mm_load_si128((const __m128i *)g_tab[m >> 24][1]),
@@ -158,10 +175,10 @@ AVX2_TARGET INLINE void qx_flush(int nb, float s, __m256 *acc, __m256 *gacc, __m
 }
 
 /* One 32-column step (mask m, x's record xr) into gacc, moving the walk over the groups on. */
-AVX2_TARGET INLINE void qx_step(int qbits, const sf_quant *q, const uint8_t *c, int64_t *pos, uint32_t m,
+AVX2_TARGET INLINE void qx_step(const sf_quant *q, const uint8_t *c, int64_t *pos, uint32_t m,
                                 const uint8_t *xr, int64_t xrow, int nb, qx_group *st,
                                 __m256 *acc, __m256 *gacc, __m256 *gacc2) {
-    __m256i w = weights32(qbits, c, *pos, m, st->z);
+    __m256i w = weights32(c, *pos, m);
     int64_t nrest = _mm_popcnt_u32(m);
     *pos += nrest;
     uint32_t rest = m;
@@ -173,10 +190,7 @@ AVX2_TARGET INLINE void qx_step(int qbits, const sf_quant *q, const uint8_t *c, 
         rest &= ~first;
         nrest -= st->left;
         qx_flush(nb, st->s, acc, gacc, gacc2);
-        int z = st->z;
         qx_enter(q, st->g + 1, st);
-        if (qbits == 4 && z != st->z) /* the rest were offset by the previous group's zero point */
-            w = _mm256_add_epi8(w, _mm256_and_si256(byte_mask(rest), _mm256_set1_epi8((char)(z - st->z))));
     }
     dot32(w, xr, xrow, nb, gacc);
     st->left -= nrest;
@@ -188,7 +202,7 @@ AVX2_TARGET INLINE void qx_step(int qbits, const sf_quant *q, const uint8_t *c, 
 
 /* acc[b] = W[row] . x[b] (see above) for nb rows of x. c: the row's codes (value index pos0 is its
  * first value; every read stays within cols + 32 values of it); returns the values the mask made it read. */
-AVX2_TARGET INLINE int64_t qx_row(int qbits, const sf_quant *q, const uint8_t *c, int64_t pos0, int64_t gstart,
+AVX2_TARGET INLINE int64_t qx_row(const sf_quant *q, const uint8_t *c, int64_t pos0, int64_t gstart,
                                   const uint8_t *mask, int64_t cols, const uint8_t *xr, int64_t xrow, int nb,
                                   float *out) {
     __m256 acc[GROUP], g0[GROUP], g1[GROUP]; /* the row's sum; the group's, of even and odd steps */
@@ -199,18 +213,18 @@ AVX2_TARGET INLINE int64_t qx_row(int qbits, const sf_quant *q, const uint8_t *c
     for (; j + 64 <= cols; j += 64) { /* two steps, two accumulators: two dependency chains */
         uint64_t m;
         memcpy(&m, mask + j / 8, 8);
-        SF_PREFETCH(c + (qbits == 8 ? pos : pos >> 1) + SF_PREFETCH_AHEAD);
+        SF_PREFETCH(c + pos + SF_PREFETCH_AHEAD);
         if (!(j & 511)) SF_PREFETCH(mask + j / 8 + SF_PREFETCH_AHEAD / 8);
         const uint8_t *r = xr + j / QX_BLOCK * QX_REC;
-        qx_step(qbits, q, c, &pos, (uint32_t)m, r, xrow, nb, &st, acc, g0, g1);
-        qx_step(qbits, q, c, &pos, (uint32_t)(m >> 32), r + QX_REC, xrow, nb, &st, acc, g1, g0);
+        qx_step(q, c, &pos, (uint32_t)m, r, xrow, nb, &st, acc, g0, g1);
+        qx_step(q, c, &pos, (uint32_t)(m >> 32), r + QX_REC, xrow, nb, &st, acc, g1, g0);
     }
     for (; j < cols; j += 32) {
         uint32_t m = 0;
         int64_t k = cols - j < 32 ? cols - j : 32;
         memcpy(&m, mask + j / 8, (size_t)((k + 7) / 8));
         if (k < 32) m &= (1u << k) - 1;
-        qx_step(qbits, q, c, &pos, m, xr + j / QX_BLOCK * QX_REC, xrow, nb, &st, acc, g0, g1);
+        qx_step(q, c, &pos, m, xr + j / QX_BLOCK * QX_REC, xrow, nb, &st, acc, g0, g1);
     }
     for (int b = 0; b < nb; b++) {
         __m256 s = acc[b];
@@ -226,16 +240,16 @@ AVX2_TARGET INLINE int64_t qx_row(int qbits, const sf_quant *q, const uint8_t *c
 
 typedef int64_t (*qx_fn)(const sf_quant *, const uint8_t *, int64_t, int64_t, const uint8_t *, int64_t,
                          const uint8_t *, int64_t, float *);
-#define QX(QB, NB)                                                                                              \
-    AVX2_TARGET static int64_t qx_##QB##_##NB(const sf_quant *q, const uint8_t *c, int64_t pos0, int64_t gstart, \
-                                              const uint8_t *mask, int64_t cols, const uint8_t *xr, int64_t xrow,  \
-                                              float *out) {                                                        \
-        return qx_row(QB, q, c, pos0, gstart, mask, cols, xr, xrow, NB, out);                                      \
+#define QX(NB)                                                                                               \
+    AVX2_TARGET static int64_t qx_##NB(const sf_quant *q, const uint8_t *c, int64_t pos0, int64_t gstart,        \
+                                       const uint8_t *mask, int64_t cols, const uint8_t *xr, int64_t xrow,         \
+                                       float *out) {                                                               \
+        return qx_row(q, c, pos0, gstart, mask, cols, xr, xrow, NB, out);                                          \
     }
-QX(8, 1) QX(8, 2) QX(8, 3) QX(8, 4) QX(4, 1) QX(4, 2) QX(4, 3) QX(4, 4)
-static const qx_fn g_qx[2][GROUP] = {{qx_8_1, qx_8_2, qx_8_3, qx_8_4}, {qx_4_1, qx_4_2, qx_4_3, qx_4_4}};
+QX(1) QX(2) QX(3) QX(4)
+static const qx_fn g_qx[GROUP] = {qx_1, qx_2, qx_3, qx_4};
 
-#define READ_SLACK 32 /* values a row's reads may run past its last one (two 16-byte runs) */
+#define READ_SLACK 64 /* values a row's reads may run past its last one (int8: two 16-byte runs; int4: 32-nibble loads) */
 
 int64_t sf_matvec_qx(const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz, const uint8_t *bitmask,
                      const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch, float *y, int threads) {
@@ -246,13 +260,14 @@ int64_t sf_matvec_qx(const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz,
     uint8_t *xr = aligned_alloc(64, (size_t)(batch * xrow));
     if (!xr) return -2;
     quantize_x(x, x_dtype, batch, cols, nblk, xr);
-    const qx_fn *fns = g_qx[q->qbits == 4];
+    const qx_fn *fns = g_qx;
     int nt = sf_threads_for(threads, rows, rows * cols / 2);
     int64_t bad = -1;
     int oom = 0;
 #pragma omp parallel num_threads(nt)
     {
         uint8_t *pad = NULL; /* a row's codes with slack: rows ending near the end of the codes */
+        uint8_t *raw = NULL, *row8 = NULL; /* int4: the row's nibbles as bytes, then as int8 weights */
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             const uint8_t *m = bitmask + r * mask_stride;
@@ -280,6 +295,17 @@ int64_t sf_matvec_qx(const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz,
                     c = pad;
                 }
             }
+            if (ok && q->qbits == 4) { /* unpacked into an int8 row (L1-resident), multiplied as int8 */
+                if (!raw) raw = malloc((size_t)cols + 64), row8 = malloc((size_t)cols + 64);
+                if (!raw || !row8) {
+                    ok = 0;
+#pragma omp atomic write
+                    oom = 1;
+                } else {
+                    unpack_int4(c, pos0, n < cols ? n : cols, q, gstart, raw, (int8_t *)row8);
+                    c = row8, pos0 = 0;
+                }
+            }
             for (int64_t b0 = 0; ok && b0 < batch; b0 += GROUP) {
                 int nb = batch - b0 < GROUP ? (int)(batch - b0) : GROUP;
                 float acc[GROUP];
@@ -296,6 +322,8 @@ int64_t sf_matvec_qx(const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz,
             }
         }
         free(pad);
+        free(raw);
+        free(row8);
     }
     free(xr);
     return oom ? -2 : bad;

@@ -162,6 +162,7 @@ def test_sparseferry_demo_quick_tells_the_whole_story(demo_model, tmp_path):
     labels = ("dense", "pruned", "pruned+converted")
     rows = [line.split() for line in out.splitlines() if line.startswith("  ") and line.split()[:1] in ([x] for x in labels)]
     assert [r[0] for r in rows] == list(labels)
-    assert rows[1][1] == rows[2][1]  # the bitmap format is lossless
-    assert "the format is lossless" in out and "demo finished" in out
+    # the bitmap format is lossless (every weight compared); perplexity within the matmuls' summation order
+    assert abs(float(rows[1][1]) - float(rows[2][1])) <= 0.01 * float(rows[1][1])
+    assert "bit-identical" in out and "the format is lossless" in out and "demo finished" in out
     assert (tmp_path / "work" / "pruned-wanda-50.sparseferry").is_dir() and not (tmp_path / "cache").exists()
