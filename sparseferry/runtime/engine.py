@@ -449,6 +449,10 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
         raise CheckpointError(f"{ckpt.path}: no weights for {', '.join(missing[:5])}")
     _check_against_model(ckpt, model, info)
     _match_stored_dtypes(model, ckpt)
+    if dev.type == "cpu" and not attn_implementation and model.config._attn_implementation == "sdpa":
+        from . import attention
+
+        model.set_attn_implementation(attention.register())  # decode steps with packed GQA heads
     budget = parse_budget(memory_budget, ckpt.stored_bytes())
     lazy_emb = _on_demand_embedding(model, info, ckpt) if (budget is not None if embeddings_on_demand is None
                                                              else embeddings_on_demand) else None
