@@ -40,7 +40,6 @@ EXACT_QUANT_ENV = "SPARSEFERRY_EXACT_QUANT"
 CPU_PATHS = ("avx512", "avx2", "c", "torch")
 
 
-
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -76,7 +75,7 @@ SLOW_HALF_GEMM = _slow_half_gemm(_cpu_flags())
 # fused kernel wins up to ~48 rows (AVX2 Zen 3, 5632 x 2048 bf16 at 50%: 12.8 ms fused vs 18.4
 # decompress + fp32 at 32 rows, 26.3 vs 20.7 at 64; torch's bf16 linear: 39.7 and 73.0 ms).
 MATVEC_MAX_BATCH = 32 if SLOW_HALF_GEMM[torch.bfloat16] else 8
-WIDE_CHUNK_BYTES = 4 << 20  # fp32 rows of W converted at a time by linear_wide (stays in L2/L3)
+WIDE_CHUNK_BYTES = 4 << 20  # fp32 rows of W converted at a time by linear_wide (in runtime.allowance)
 
 _log = logging.getLogger(__name__)
 _noticed: set[str] = set()

@@ -7,7 +7,9 @@ buffers, scratch). What transformers' own forward and generate loop hold comes o
                 + 2 · B · S · kv_heads · head_dim · a                one layer's cache copied while it grows
     activations B · T · (6·H + (heads + 2·kv_heads)·head_dim + 3·I) · a    one layer's hidden states, q/k/v and
                 + B · heads · T · T · 4                              gated-MLP activations at the prompt
-                                                                     (T tokens), attention scores in fp32
+                + B · T · 2 · max(H, I) · 4 + 4 MiB                  (T tokens), attention scores in fp32,
+                                                                     the fp32 input and output of one
+                                                                     matmul in fp32 (kernels.linear_wide)
     logits      4 · B · V · 4                                        last-position logits in fp32, the copies
                                                                      generation's processors make
     slack       RUNTIME_SLACK                                        allocator arenas of the reader and
@@ -48,6 +50,7 @@ def allowance(config: dict, batch: int, prompt_tokens: int, new_tokens: int, dty
     B, T, S, a = batch, prompt_tokens, prompt_tokens + new_tokens, dtype_bytes
     kv = 2 * L * B * S * kv_heads * head_dim * a + 2 * B * S * kv_heads * head_dim * a
     act = B * T * (6 * H + (heads + 2 * kv_heads) * head_dim + 3 * inter) * a + B * heads * T * T * 4
+    act += B * T * 2 * max(H, inter) * 4 + (4 << 20)  # linear_wide: fp32 x and y of one matmul, its W chunk
     logits = 4 * B * vocab * 4
     out = {"kv": kv, "activations": act, "logits": logits, "slack": RUNTIME_SLACK}
     out["total"] = sum(out.values())
