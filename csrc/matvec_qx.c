@@ -253,7 +253,7 @@ static const qx_fn g_qx[GROUP] = {qx_1, qx_2, qx_3, qx_4};
 
 int64_t sf_matvec_qx(const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz, const uint8_t *bitmask,
                      const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch, float *y, int threads) {
-    if (!(sf_supported_paths() & (1 << SF_PATH_AVX2)) || (q->qbits != 8 && q->qbits != 4)) return -3;
+    if (!(sf_supported_paths() & (1 << SF_PATH_AVX2)) || (q->qbits != 8 && q->qbits != 4) || cols < 1) return -3;
     for (int64_t g = 0; q->zeros && g < q->nscales; g++)
         if (q->zeros[g] > 15) return -3; /* not a 4-bit zero point: c - z would not fit the byte lanes */
     const int64_t mask_stride = (cols + 7) / 8, nblk = (cols + QX_BLOCK - 1) / QX_BLOCK, xrow = nblk * QX_REC;
