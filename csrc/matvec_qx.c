@@ -28,7 +28,7 @@
  *
  * This is a lossy kernel: x is rounded to 8 bits per element (error at most d/2 per element, so
  * |y - exact| <= sum_i |w_i * scale| * d_b / 2 plus fp32 rounding), where the exact paths (decode,
- * and sf_matvec_q) round only the weights. The Python wrapper uses it on AVX2 CPUs unless
+ * and sf_matvec_q) round only the weights. The Python wrapper uses it on AVX2 CPUs for bf16 / fp16 x unless
  * SPARSEFERRY_EXACT_QUANT=1; `kernels.reference.sparse_matmul_int8x_reference` is its slow reference.
  */
 #include "sf_kernels.h"
