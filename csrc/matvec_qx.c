@@ -144,14 +144,12 @@ AVX2_TARGET INLINE void dot32(__m256i w, const uint8_t *xr, int64_t xrow, int nb
 typedef struct {
     int64_t g, left; /* its index in scales, values not yet seen in it */
     float s;         /* its scale */
-    int z;           /* its zero point (int4) */
 } qx_group;
 
 AVX2_TARGET INLINE void qx_enter(const sf_quant *q, int64_t g, qx_group *st) {
     st->g = g;
     st->left = q->group_size;
     st->s = g < q->nscales ? _cvtsh_ss(q->scales[g]) : 0.0f;
-    st->z = q->zeros && g < q->nscales ? q->zeros[g] : 0;
 }
 
 /* The weights of the 32 columns under mask m, as signed bytes at their columns (zeros elsewhere),

@@ -238,6 +238,9 @@ class QuantBitmapTensor(BitmapTensor):
         zeros = parts.get("zeros") if int4 else None
         if int4 and (zeros.dtype != torch.uint8 or tuple(zeros.shape) != (ngroups,)):
             raise FormatError(f"{name}.zeros: expected uint8 [{ngroups}], got {zeros.dtype} {list(zeros.shape)}")
+        if int4 and zeros.numel() and int(zeros.max()) > 15:
+            g = int((zeros > 15).nonzero()[0])
+            raise FormatError(f"{name}.zeros: group {g} has zero point {int(zeros[g])}, expected 0..15 (a 4-bit code)")
         return cls((rows, cols), codes, parts["bitmask"], row_offsets, _stored_block_offsets(parts, name, rows, cols),
                    scales, zeros, value_format, group_size, out_dtype, nnz,
                    group_offsets(row_offsets, nnz, group_size, cols))

@@ -166,3 +166,24 @@ def test_sparseferry_demo_quick_tells_the_whole_story(demo_model, tmp_path):
     assert abs(float(rows[1][1]) - float(rows[2][1])) <= 0.01 * float(rows[1][1])
     assert "bit-identical" in out and "the format is lossless" in out and "demo finished" in out
     assert (tmp_path / "work" / "pruned-wanda-50.sparseferry").is_dir() and not (tmp_path / "cache").exists()
+
+
+def test_the_lossless_check_compares_every_stored_weight_and_sees_one_changed_bit(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import make_checkpoint
+    from sparseferry.demo import _weights_identical
+
+    ckpt, _ = make_checkpoint("llama", tmp_path, layers=2)
+    src = ckpt.parent / ckpt.name.removesuffix("-sf")
+    same, n = _weights_identical(src, ckpt)
+    assert same and n >= 2 * 7
+    f = sorted(src.glob("*.safetensors"))[0]
+    tensors = load_file(f)
+    name = next(k for k in tensors if "mlp.down_proj" in k)
+    w = tensors[name].clone()
+    w.view(torch.int16)[0, 0] ^= 1  # one bit of one weight
+    tensors[name] = w
+    save_file(tensors, f, metadata={"format": "pt"})
+    assert _weights_identical(src, ckpt)[0] is False

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparseferry.kernels as K
-from sparseferry.format import BLOCK_COLS, BitmapTensor, FormatError, decode, encode
+from sparseferry.format import BLOCK_COLS, BitmapTensor, FormatError, _unpack, decode, encode
 from sparseferry.kernels import native
 from sparseferry.kernels.reference import quantize_activations, sparse_matmul_int8x_reference, sparse_matmul_reference
 from sparseferry.quant import dequantize_values, quantize
@@ -550,7 +550,8 @@ def test_int8_activations_cost_at_most_half_a_step_of_x_per_weight(avx2):
     rounding: |y - exact| <= sum_j |W[r, j]| * d(j) / 2 (plus fp32 rounding)."""
     for fmt, g in [("int8", 128), ("int4", 128), ("int8", 7)]:
         _, q = quantized(64, 1000, 0.5, torch.bfloat16, fmt, g)
-        w = torch.zeros(q.shape, dtype=torch.float64).masked_scatter_(_mask(q), dequantize_values(q).double())
+        w = torch.zeros(q.shape, dtype=torch.float64).masked_scatter_(_unpack(q.bitmask, q.shape[1]),
+                                                                      dequantize_values(q).double())
         x = torch.randn(3, 1000) * torch.linspace(0.01, 10, 1000)  # blocks of very different scales
         got = native.matvec(x, q, path=avx2, threads=2, int8_x=True).double()
         _, d = quantize_activations(x)
@@ -558,11 +559,6 @@ def test_int8_activations_cost_at_most_half_a_step_of_x_per_weight(avx2):
         bound = half_step @ w.abs().T + 1e-5 * (x.double().abs() @ w.abs().T)
         err = (got - x.double() @ w.T).abs()
         assert (err <= bound).all() and (err > 0).any()
-
-
-def _mask(q) -> torch.Tensor:
-    bits = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-    return ((q.bitmask.unsqueeze(-1) & bits) != 0).reshape(q.shape[0], -1)[:, :q.shape[1]]
 
 
 def test_sparse_matmul_uses_int8_activations_on_avx2_unless_exact_is_asked_for(avx2, monkeypatch):

@@ -250,7 +250,9 @@ def test_fp32_router_in_a_bf16_model(tmp_path, monkeypatch):
     import sparseferry.runtime.experts as experts_mod
     from moe_runtime_models import _prune_
 
-    ids = torch.randint(0, 256, (1, 12))  # more rows than the fused kernel takes: decompress + F.linear
+    from sparseferry.kernels import MATVEC_MAX_BATCH
+
+    ids = torch.randint(0, 256, (1, MATVEC_MAX_BATCH + 4))  # more rows than the fused kernel takes: decompress + linear
     model = moe_model("hunyuan_v1_moe", dtype=torch.bfloat16)  # router fp32, as the model class builds it
     path = moe_checkpoint(model, tmp_path / "fp32-router")
     with torch.no_grad():

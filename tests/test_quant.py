@@ -254,6 +254,7 @@ def test_quantize_refuses_what_it_cannot_represent_naming_the_tensor(w, fmt, g, 
     ("int4", "codes", torch.zeros(4, dtype=torch.uint8), "p.codes: expected torch.uint8 [2] for 4 int4 values"),
     ("int4", "zeros", torch.zeros(1, dtype=torch.uint8), "p.zeros: expected uint8 [2]"),
     ("int4", "zeros", None, "missing part p.zeros"),
+    ("int4", "zeros", torch.tensor([3, 16], dtype=torch.uint8), "p.zeros: group 1 has zero point 16, expected 0..15"),
 ])
 def test_quantized_parts_of_the_wrong_shape_or_dtype_are_rejected_by_name(fmt, part, bad, message):
     q = quantize(GOLDEN, fmt, 0)

@@ -361,3 +361,37 @@ def test_views_of_resident_layers_are_made_once_and_disk_layers_at_every_use(tmp
                 assert calls[i] == first[i], (i, first, calls)
             else:  # every pass reads every layer again (and may already have read ahead into the next)
                 assert calls[i] >= 4, (i, first, calls)  # four passes
+
+
+@pytest.mark.parametrize("slow_half_gemm", [True, False])
+def test_prompts_wider_than_the_fused_kernel_multiply_through_linear_wide(tmp_path, monkeypatch, slow_half_gemm):
+    """Beyond MATVEC_MAX_BATCH rows a layer's compressed matrix is decompressed into the scratch buffer
+    and multiplied by `kernels.linear_wide` (fp32 where this CPU's bf16 GEMM is slow, torch's linear
+    elsewhere); the logits stay transformers' within bf16 rounding either way."""
+    import sparseferry.kernels as K
+
+    folder, model = make_checkpoint("llama", tmp_path, layers=2)
+    monkeypatch.setitem(K.SLOW_HALF_GEMM, torch.bfloat16, slow_half_gemm)
+    shapes, wide = [], K.linear_wide
+    monkeypatch.setattr(K, "linear_wide", lambda x, w, bias=None: shapes.append(tuple(w.shape)) or wide(x, w, bias))
+    ids = torch.randint(0, 256, (1, K.MATVEC_MAX_BATCH + 5), generator=torch.Generator().manual_seed(0))
+    m = sparseferry.load(folder)
+    try:
+        with torch.no_grad():
+            got = m(input_ids=ids).logits
+    finally:
+        m.sparseferry.close()
+    inter = model.config.intermediate_size
+    assert (inter, model.config.hidden_size) in shapes  # a layer's MLP matrix, not only the output head
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(input_ids=ids).logits, rtol=2e-2, atol=2e-2)
+
+
+def test_the_allowance_counts_one_wide_matmul_in_fp32():
+    from sparseferry.runtime.allowance import allowance
+
+    cfg = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4,
+           "vocab_size": 100}
+    act = allowance(cfg, batch=2, prompt_tokens=50, new_tokens=1)["activations"]
+    bf16_only = 2 * 50 * (6 * 64 + 3 * 64 + 3 * 256) * 2 + 2 * 4 * 50 * 50 * 4
+    assert act == bf16_only + 2 * 50 * 2 * 256 * 4 + (4 << 20)

@@ -65,12 +65,12 @@ def _bitmap_forward(self: nn.Module, *args, **kwargs):
 
     nn.Linear at small batch: the fused kernel multiplies from the bitmap. Otherwise the weight is
     decompressed into the engine's scratch buffer (one matrix, reused by every module in turn) and
-    the module's own forward runs on it (an nn.Linear's through `kernels.linear_wide`).
+    the module's own forward runs on it.
     """
     bt = self._sf_bitmap
     if bt is None:
         return self._sf_forward(*args, **kwargs)
-    from ..kernels import MATVEC_MAX_BATCH, decompress, linear_wide, sparse_matmul
+    from ..kernels import MATVEC_MAX_BATCH, decompress, sparse_matmul
 
     x = args[0] if args else next(iter(kwargs.values()))
     if type(self) is nn.Linear and x.numel() // x.shape[-1] <= MATVEC_MAX_BATCH:
@@ -78,9 +78,7 @@ def _bitmap_forward(self: nn.Module, *args, **kwargs):
     rows, cols = bt.shape
     w = self._sf_scratch[: rows * cols * bt.dtype.itemsize].view(bt.dtype).view(rows, cols)
     self._parameters["weight"] = nn.Parameter(decompress(bt, out=w), requires_grad=False)
-    if type(self) is nn.Linear and x.dtype == w.dtype:  # prefill: in fp32 where half-precision GEMM is slow
-        return linear_wide(x, w, self.bias)
-    return self._sf_forward(*args, **kwargs)
+    return self._sf_forward(*args, **kwargs)  # an nn.Linear's: _dense_forward (kernels.linear_wide beyond a few rows)
 
 
 def _dense_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
