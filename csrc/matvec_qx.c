@@ -31,37 +31,24 @@
  * and sf_matvec_q) round only the weights. The Python wrapper uses it on AVX2 CPUs for bf16 / fp16 x unless
  * SPARSEFERRY_EXACT_QUANT=1; `kernels.reference.sparse_matmul_int8x_reference` is its slow reference.
  */
-#include "sf_kernels.h"
+#include "sf_qx.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define QX_BLOCK 32 /* columns of x per activation scale */
-
-/* x quantized, as one 64-byte record per block of 32 columns per row of x: the 32 xq bytes, then
- * d (fp32), then padding (a record is one cache line, its loads aligned). */
+/* The AVX2 layout of x: one 64-byte record per block of 32 columns per row of x: the 32 xq bytes,
+ * then d (fp32), then padding (a record is one cache line, its loads aligned). */
 #define QX_REC 64
 
 /* The records of x [batch, cols] (fp32 or bf16): [batch][nblk] records, nblk = ceil(cols / 32). */
 static void quantize_x(const void *x, int x_dtype, int64_t batch, int64_t cols, int64_t nblk, uint8_t *rec) {
     for (int64_t b = 0; b < batch; b++)
         for (int64_t k = 0; k < nblk; k++) {
-            float v[QX_BLOCK] = {0}, amax = 0.0f;
-            int finite = 1;
-            for (int64_t j = k * QX_BLOCK, i = 0; j < cols && i < QX_BLOCK; j++, i++) {
-                v[i] = x_dtype == SF_BF16 ? sf_bf16_to_f32(((const uint16_t *)x)[b * cols + j])
-                                          : ((const float *)x)[b * cols + j];
-                float a = fabsf(v[i]);
-                if (!(a <= 3.4028234663852886e38f)) finite = 0; /* Inf or NaN */
-                else if (a > amax) amax = a;
-            }
-            float dk = finite ? amax / 127.0f : NAN;
+            float v[QX_BLOCK];
             uint8_t *o = rec + (b * nblk + k) * QX_REC;
-            for (int i = 0; i < QX_BLOCK; i++) {
-                float r = finite && dk > 0.0f ? nearbyintf(v[i] / dk) : 0.0f; /* default mode: half to even */
-                o[i] = (uint8_t)(int8_t)(r > 127.0f ? 127 : r < -127.0f ? -127 : r);
-            }
+            sf_qx_load_block(x, x_dtype, cols, b, k, v);
+            float dk = sf_qx_quantize_block(v, (int8_t *)o);
             memcpy(o + QX_BLOCK, &dk, 4);
         }
 }
@@ -71,7 +58,7 @@ static void quantize_x(const void *x, int x_dtype, int64_t batch, int64_t cols, 
 
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c,popcnt,bmi,bmi2")))
 #define INLINE static inline __attribute__((always_inline))
-#define GROUP 4 /* rows of x per pass over a row of W */
+#define GROUP QX_GROUP
 
 /* g_tab[m][0]: ranks of m's bits in bytes 0-7 (0x80 where clear), popcount(m) in bytes 8-15;
  * g_tab[m][1]: 0 in bytes 0-7, ranks of m's bits in bytes 8-15 (0x80 where clear). */
@@ -88,6 +75,7 @@ void sf_init_qx_tables(void) {
         }
         for (int k = 0; k < 8; k++) g_tab[m][0][8 + k] = (uint8_t)rank;
     }
+    sf_init_qx512_tables();
 }
 
 /* int4 rows first become int8 rows: out[k] = nibble(pos0 + k) of c minus its group's zero point, for
@@ -236,8 +224,6 @@ AVX2_TARGET INLINE int64_t qx_row(const sf_quant *q, const uint8_t *c, int64_t p
     return pos - pos0;
 }
 
-typedef int64_t (*qx_fn)(const sf_quant *, const uint8_t *, int64_t, int64_t, const uint8_t *, int64_t,
-                         const uint8_t *, int64_t, float *);
 #define QX(NB)                                                                                               \
     AVX2_TARGET static int64_t qx_##NB(const sf_quant *q, const uint8_t *c, int64_t pos0, int64_t gstart,        \
                                        const uint8_t *mask, int64_t cols, const uint8_t *xr, int64_t xrow,         \
@@ -245,20 +231,35 @@ typedef int64_t (*qx_fn)(const sf_quant *, const uint8_t *, int64_t, int64_t, co
         return qx_row(q, c, pos0, gstart, mask, cols, xr, xrow, NB, out);                                          \
     }
 QX(1) QX(2) QX(3) QX(4)
-static const qx_fn g_qx[GROUP] = {qx_1, qx_2, qx_3, qx_4};
+static const sf_qx_row_fn g_qx[GROUP] = {qx_1, qx_2, qx_3, qx_4};
 
-#define READ_SLACK 64 /* values a row's reads may run past its last one (int8: two 16-byte runs; int4: 32-nibble loads) */
+/* Values a row's reads may run past its last one: int8, two 16-byte runs on AVX2, one 64-byte load
+ * on AVX-512; int4, 32-nibble loads on AVX2, the 33 bytes of 64 nibbles on AVX-512 (72 values keep
+ * the last byte strictly inside the codes). */
+#define READ_SLACK 72
 
-int64_t sf_matvec_qx(const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz, const uint8_t *bitmask,
+int sf_qx_paths(void) {
+    int paths = sf_supported_paths() & (1 << SF_PATH_AVX2);
+    if ((sf_supported_paths() & (1 << SF_PATH_AVX512)) && sf_qx512_supported()) paths |= 1 << SF_PATH_AVX512;
+    return paths;
+}
+
+int64_t sf_matvec_qx(int path, const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz, const uint8_t *bitmask,
                      const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch, float *y, int threads) {
-    if (!(sf_supported_paths() & (1 << SF_PATH_AVX2)) || (q->qbits != 8 && q->qbits != 4) || cols < 1) return -3;
+    if ((path != SF_PATH_AVX2 && path != SF_PATH_AVX512) || !(sf_qx_paths() & (1 << path)) ||
+        (q->qbits != 8 && q->qbits != 4) || cols < 1)
+        return -3;
     for (int64_t g = 0; q->zeros && g < q->nscales; g++)
         if (q->zeros[g] > 15) return -3; /* not a 4-bit zero point: c - z would not fit the byte lanes */
-    const int64_t mask_stride = (cols + 7) / 8, nblk = (cols + QX_BLOCK - 1) / QX_BLOCK, xrow = nblk * QX_REC;
+    const int wide = path == SF_PATH_AVX512;
+    const int64_t mask_stride = (cols + 7) / 8, nblk = (cols + QX_BLOCK - 1) / QX_BLOCK;
+    const int64_t xrow = wide ? sf_qx512_xrow(cols) : nblk * QX_REC;
     uint8_t *xr = aligned_alloc(64, (size_t)(batch * xrow));
     if (!xr) return -2;
-    quantize_x(x, x_dtype, batch, cols, nblk, xr);
-    const qx_fn *fns = g_qx;
+    if (wide) sf_qx512_quantize(x, x_dtype, batch, cols, xr);
+    else quantize_x(x, x_dtype, batch, cols, nblk, xr);
+    const sf_qx_row_fn *fns = wide ? sf_qx512_rows[q->qbits == 4] : g_qx;
+    const int unpack = q->qbits == 4 && !wide; /* AVX2 multiplies int4 rows unpacked into int8 rows */
     int nt = sf_threads_for(threads, rows, rows * cols / 2);
     int64_t bad = -1;
     int oom = 0;
@@ -293,7 +294,7 @@ int64_t sf_matvec_qx(const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz,
                     c = pad;
                 }
             }
-            if (ok && q->qbits == 4) { /* unpacked into an int8 row (L1-resident), multiplied as int8 */
+            if (ok && unpack) { /* unpacked into an int8 row (L1-resident), multiplied as int8 */
                 if (!raw) raw = malloc((size_t)cols + 64), row8 = malloc((size_t)cols + 64);
                 if (!raw || !row8) {
                     ok = 0;
@@ -329,9 +330,10 @@ int64_t sf_matvec_qx(const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz,
 
 #else
 void sf_init_qx_tables(void) {}
-int64_t sf_matvec_qx(const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz, const uint8_t *bitmask,
+int sf_qx_paths(void) { return 0; }
+int64_t sf_matvec_qx(int path, const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz, const uint8_t *bitmask,
                      const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch, float *y, int threads) {
-    (void)q, (void)rows, (void)cols, (void)nnz, (void)bitmask, (void)row_offsets, (void)x, (void)x_dtype;
+    (void)path, (void)q, (void)rows, (void)cols, (void)nnz, (void)bitmask, (void)row_offsets, (void)x, (void)x_dtype;
     (void)batch, (void)y, (void)threads, (void)quantize_x;
     return -3;
 }

@@ -12,6 +12,11 @@
 
 static int g_paths = 0;
 
+static PyObject *py_qx_paths(PyObject *self, PyObject *args) {
+    (void)self, (void)args;
+    return PyLong_FromLong(sf_qx_paths());
+}
+
 static PyObject *py_supported_paths(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -156,7 +161,7 @@ static PyObject *matvec_q_any(PyObject *args, int int8_x) {
     int64_t bad;
     Py_BEGIN_ALLOW_THREADS
     if (int8_x)
-        bad = sf_matvec_qx(&q, rows, cols, nnz, (const uint8_t *)(uintptr_t)bitmask, (const int64_t *)(uintptr_t)row_offsets,
+        bad = sf_matvec_qx(path, &q, rows, cols, nnz, (const uint8_t *)(uintptr_t)bitmask, (const int64_t *)(uintptr_t)row_offsets,
                            (const void *)(uintptr_t)x, x_dtype, batch, (float *)(uintptr_t)y, threads < 1 ? 1 : threads);
     else
         bad = sf_matvec_q(path, &q, out_dtype, rows, cols, nnz, (const uint8_t *)(uintptr_t)bitmask,
@@ -179,6 +184,7 @@ static PyObject *py_matvec_qx(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"supported_paths", py_supported_paths, METH_NOARGS, "Bit set of runnable paths: 1<<0 c, 1<<1 avx2, 1<<2 avx512."},
+    {"qx_paths", py_qx_paths, METH_NOARGS, "Bit set of the paths matvec_qx runs on here (int8 activations)."},
     {"decompress", py_decompress, METH_VARARGS, "Bitmap -> dense; returns -1 or the index of an inconsistent row."},
     {"matvec", py_matvec, METH_VARARGS, "y = x @ W.T from the bitmap; returns -1 or an inconsistent row."},
     {"matvec_dense", py_matvec_dense, METH_VARARGS, "y = x @ W.T for a dense row-major W (fp32 accumulation)."},

@@ -90,9 +90,11 @@ int64_t sf_matvec_q(int path, const sf_quant *q, int out_dtype, int64_t rows, in
                     float *y, int threads);
 
 /* y[batch, rows] (fp32) = x @ W.T with x quantized to int8 per 32 columns and integer dot products
- * (matvec_qx.c, AVX2; lossy in x, see there). Returns -1, a bad row, -2 (out of memory) or -3 where
- * it does not apply (no AVX2, or a zero point above 15): the caller then takes sf_matvec_q. */
-int64_t sf_matvec_qx(const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz, const uint8_t *bitmask,
+ * (matvec_qx.c: AVX2, and AVX-512 VNNI in matvec_qx512.c; lossy in x, see there). Returns -1, a bad
+ * row, -2 (out of memory) or -3 where it does not apply (a path not in sf_qx_paths(), or a zero
+ * point above 15): the caller then takes sf_matvec_q. */
+int sf_qx_paths(void); /* bit (1 << path) set for each path this CPU runs it on */
+int64_t sf_matvec_qx(int path, const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz, const uint8_t *bitmask,
                      const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch, float *y, int threads);
 void sf_init_qx_tables(void);
 

@@ -501,13 +501,32 @@ def test_quantized_rows_whose_mask_disagrees_with_the_offsets_are_refused_mid_ma
 
 
 # ------------------------------------------------------------------------------------------------
-# quantized values with int8 activations (AVX2: csrc/matvec_qx.c)
+# quantized values with int8 activations (AVX2: csrc/matvec_qx.c; AVX-512 VNNI: csrc/matvec_qx512.c)
+
+INT8_X_PATHS = ["avx512", "avx2"]
 
 
 @pytest.fixture
 def avx2():
     _skip_unless_runs("avx2")
     return "avx2"
+
+
+@pytest.fixture(params=INT8_X_PATHS)
+def int8x(request):
+    """Each path with an int8-activation kernel, skipped where this CPU lacks its instructions."""
+    _skip_unless_runs(request.param)
+    if request.param not in native.int8_x_paths():
+        pytest.skip(f"this CPU has no {request.param} int8-activation kernel (AVX-512 needs VNNI)")
+    return request.param
+
+
+def test_int8_activation_kernels_run_where_their_instructions_are():
+    flags = K._cpu_flags()
+    paths = native.int8_x_paths()
+    if native.LOAD_ERROR is None and flags:
+        assert ("avx2" in paths) == ("avx2" in native.available_paths())
+        assert ("avx512" in paths) == ("avx512" in native.available_paths() and "avx512_vnni" in flags)
 
 
 def test_activation_quantization_follows_its_formula():
@@ -529,23 +548,23 @@ def test_activation_quantization_follows_its_formula():
 
 
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32], ids=str)
-def test_int8_activation_matvec_matches_its_reference_within_fp32_rounding(avx2, xdtype):
+def test_int8_activation_matvec_matches_its_reference_within_fp32_rounding(int8x, xdtype):
     """The integer sums are exact, so the kernel and its float64 reference differ only by the fp32
     rounding of the scaled partial sums; group sizes 1, 5, 7, 32, 128 and per row put group ends
-    anywhere inside 32-column steps, odd row counts start int4 rows mid-byte, batches cover every
+    anywhere inside 32- and 64-column steps, odd row counts start int4 rows mid-byte, batches cover every
     group of 4 rows of x."""
     for fmt, g in QUANT + [("int8", 1), ("int4", 1), ("int8", 128), ("int4", 128), ("int4", 0)]:
-        for rows, cols in [(1, 1), (7, 17), (17, 63), (5, 64), (3, BLOCK_COLS + 1), (2, 2 * BLOCK_COLS + 33)]:
+        for rows, cols in [(1, 1), (7, 17), (17, 63), (5, 64), (3, 129), (4, 200), (3, BLOCK_COLS + 1), (2, 2 * BLOCK_COLS + 33)]:
             for sparsity in SPARSITIES:
                 _, q = quantized(rows, cols, sparsity, torch.bfloat16, fmt, g)
                 for batch in (1, 2, 5, 9):
                     x = torch.randn(batch, cols).to(xdtype)
-                    got = native.matvec(x, q, path=avx2, threads=2, int8_x=True).double()
+                    got = native.matvec(x, q, path=int8x, threads=2, int8_x=True).double()
                     want, size = sparse_matmul_int8x_reference(x, q)
                     assert ((got - want).abs() <= 64 * 2.0**-24 * size + 1e-30).all(), (fmt, g, rows, cols, sparsity, batch)
 
 
-def test_int8_activations_cost_at_most_half_a_step_of_x_per_weight(avx2):
+def test_int8_activations_cost_at_most_half_a_step_of_x_per_weight(int8x):
     """Against the exact product of x with the unrounded dequantized weights, the only error is x's
     rounding: |y - exact| <= sum_j |W[r, j]| * d(j) / 2 (plus fp32 rounding)."""
     for fmt, g in [("int8", 128), ("int4", 128), ("int8", 7)]:
@@ -553,7 +572,7 @@ def test_int8_activations_cost_at_most_half_a_step_of_x_per_weight(avx2):
         w = torch.zeros(q.shape, dtype=torch.float64).masked_scatter_(_unpack(q.bitmask, q.shape[1]),
                                                                       dequantize_values(q).double())
         x = torch.randn(3, 1000) * torch.linspace(0.01, 10, 1000)  # blocks of very different scales
-        got = native.matvec(x, q, path=avx2, threads=2, int8_x=True).double()
+        got = native.matvec(x, q, path=int8x, threads=2, int8_x=True).double()
         _, d = quantize_activations(x)
         half_step = d.double().repeat_interleave(32, dim=1)[:, :1000] / 2
         bound = half_step @ w.abs().T + 1e-5 * (x.double().abs() @ w.abs().T)
@@ -561,33 +580,47 @@ def test_int8_activations_cost_at_most_half_a_step_of_x_per_weight(avx2):
         assert (err <= bound).all() and (err > 0).any()
 
 
-def test_sparse_matmul_uses_int8_activations_on_avx2_unless_exact_is_asked_for(avx2, monkeypatch):
-    monkeypatch.setenv(K.ENV_VAR, avx2)
+def test_sparse_matmul_uses_int8_activations_where_the_path_has_them_unless_exact_is_asked_for(int8x, monkeypatch):
+    monkeypatch.setenv(K.ENV_VAR, int8x)
     _, q = quantized(17, 300, 0.5, torch.bfloat16, "int4", 32)
     _, plain = encoded(17, 300, 0.5, torch.bfloat16)
     x = torch.randn(2, 300, dtype=torch.bfloat16)
-    assert K.int8_activations(q, "avx2") and not K.int8_activations(plain, "avx2")
-    assert not K.int8_activations(q, "avx512") and not K.int8_activations(q, "c")
-    assert K.int8_activations(q, "avx2", torch.float16) and not K.int8_activations(q, "avx2", torch.float32)
-    assert torch.equal(K.sparse_matmul(x.float(), q), native.matvec(x, q, path=avx2, threads=2))  # fp32 x: exact
-    fast = native.matvec(x, q, path=avx2, threads=2, int8_x=True).to(torch.bfloat16)
-    exact = native.matvec(x, q, path=avx2, threads=2).to(torch.bfloat16)
+    assert K.int8_activations(q, int8x) and not K.int8_activations(plain, int8x) and not K.int8_activations(q, "c")
+    assert all(K.int8_activations(q, p) == (p in native.int8_x_paths()) for p in NATIVE_PATHS)
+    assert K.int8_activations(q, int8x, torch.float16) and not K.int8_activations(q, int8x, torch.float32)
+    assert torch.equal(K.sparse_matmul(x.float(), q), native.matvec(x.float(), q, path=int8x, threads=2))  # fp32 x: exact
+    fast = native.matvec(x, q, path=int8x, threads=2, int8_x=True).to(torch.bfloat16)
+    exact = native.matvec(x, q, path=int8x, threads=2).to(torch.bfloat16)
     assert not torch.equal(fast, exact)
     assert torch.equal(K.sparse_matmul(x, q), fast)
     monkeypatch.setenv(K.EXACT_QUANT_ENV, "1")
-    assert not K.int8_activations(q, "avx2") and torch.equal(K.sparse_matmul(x, q), exact)
+    assert not K.int8_activations(q, int8x) and torch.equal(K.sparse_matmul(x, q), exact)
 
 
-def test_int8_activations_give_nan_for_a_non_finite_x_and_fall_back_for_wide_zero_points(avx2):
+def test_both_int8_activation_kernels_compute_the_same_integers():
+    """AVX2 and AVX-512 sum the same exact int32 partial products per 4 columns; only the fp32
+    order of the scaled partial sums differs."""
+    if not {"avx2", "avx512"} <= set(native.int8_x_paths()):
+        pytest.skip("needs both int8-activation kernels (an AVX-512 VNNI CPU)")
+    for fmt, g in [("int8", 128), ("int4", 7), ("int8", 0)]:
+        _, q = quantized(33, 1000, 0.5, torch.bfloat16, fmt, g)
+        x = torch.randn(6, 1000, dtype=torch.bfloat16)
+        a = native.matvec(x, q, path="avx2", threads=2, int8_x=True).double()
+        b = native.matvec(x, q, path="avx512", threads=2, int8_x=True).double()
+        _, size = sparse_matmul_int8x_reference(x, q)
+        assert ((a - b).abs() <= 128 * 2.0**-24 * size).all() and not torch.equal(a, native.matvec(x, q, path="avx2", threads=2).double())
+
+
+def test_int8_activations_give_nan_for_a_non_finite_x_and_fall_back_for_wide_zero_points(int8x):
     _, q = quantized(7, 100, 0.5, torch.bfloat16, "int4", 16)
     x = torch.randn(2, 100)
     x[1, 3] = float("nan")
-    y = native.matvec(x, q, path=avx2, threads=1, int8_x=True)
+    y = native.matvec(x, q, path=int8x, threads=1, int8_x=True)
     assert y[0].isfinite().all() and y[1].isnan().all()
     wide = dataclasses.replace(q, zeros=q.zeros.clone().fill_(200))  # not a 4-bit zero point: c - z leaves the int8 lanes
     x = torch.randn(1, 100)
-    assert torch.equal(native.matvec(x, wide, path=avx2, threads=1, int8_x=True),
-                       native.matvec(x, wide, path=avx2, threads=1))
+    assert torch.equal(native.matvec(x, wide, path=int8x, threads=1, int8_x=True),
+                       native.matvec(x, wide, path=int8x, threads=1))
 
 
 # ------------------------------------------------------------------------------------------------

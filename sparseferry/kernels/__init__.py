@@ -16,9 +16,10 @@ Quantized matrices (`format.QuantBitmapTensor`, int8 / int4 values) go through t
 path dequantizes while it decompresses (one pass, no dense intermediate), bit-exact to the
 reference `quant.decode_quant`; the fused CPU matvec dequantizes inside its multiply loop (AVX-512;
 other paths and fp32 values: into a scratch row first). AVX2 CPUs get their own fused loop
-(csrc/matvec_avx2.c: one table shuffle and one FMA per 8 columns); for quantized values there the
-fused matvec quantizes x to int8 per 32 columns and multiplies in integers (csrc/matvec_qx.c, the
-approach of llama.cpp's Q8_0 / Q4_0 kernels; lossy in x, see `int8_activations`).
+(csrc/matvec_avx2.c: one table shuffle and one FMA per 8 columns). For quantized values the fused
+matvec on AVX2, and on AVX-512 with VNNI, quantizes x to int8 per 32 columns and multiplies in
+integers (csrc/matvec_qx.c, matvec_qx512.c: the approach of llama.cpp's Q8_0 / Q4_0 kernels; lossy
+in x, see `int8_activations`).
 """
 from __future__ import annotations
 
@@ -161,13 +162,16 @@ def int8_activations(bt: BitmapTensor, path: str, x_dtype: torch.dtype = torch.b
     """Whether sparse_matmul's fused kernel quantizes x to int8 for bt (csrc/matvec_qx.c).
 
     Yes for int8 / int4 values times bf16 / fp16 x (activations already rounded to 8 or 11 bits: the
-    int8 step per 32 columns, max|x| / 127, is of the same order) on the AVX2 path (the default on CPUs
-    without AVX-512 VBMI2), where integer dot products beat dequantizing every weight, unless
-    SPARSEFERRY_EXACT_QUANT=1. fp32 x, the AVX-512 path and the others stay exact (only the weights
-    are rounded).
+    int8 step per 32 columns, max|x| / 127, is of the same order) on a path that has the integer
+    kernel (`native.int8_x_paths()`: AVX2, and AVX-512 where the CPU has VNNI), where integer dot
+    products beat dequantizing every weight, unless SPARSEFERRY_EXACT_QUANT=1. fp32 x and the other
+    paths stay exact (only the weights are rounded).
     """
-    return (isinstance(bt, QuantBitmapTensor) and path == "avx2" and x_dtype in (torch.bfloat16, torch.float16)
+    return (isinstance(bt, QuantBitmapTensor) and path in _INT8_X_PATHS and x_dtype in (torch.bfloat16, torch.float16)
             and os.environ.get(EXACT_QUANT_ENV, "").strip() not in ("1", "true", "yes"))
+
+
+_INT8_X_PATHS = frozenset(native.int8_x_paths())
 
 
 def sparse_matmul(x: torch.Tensor, bt: BitmapTensor, bias: torch.Tensor | None = None, *,

@@ -42,6 +42,15 @@ def available_paths() -> list[str]:
     return [p for p in ("avx512", "avx2", "c") if bits & (1 << PATHS[p])]
 
 
+def int8_x_paths() -> list[str]:
+    """Native paths whose CPU here runs the fused matvec with int8 activations (csrc/matvec_qx.c:
+    AVX2; AVX-512 with VNNI, csrc/matvec_qx512.c)."""
+    if _native is None:
+        return []
+    bits = _native.qx_paths()
+    return [p for p in ("avx512", "avx2") if bits & (1 << PATHS[p])]
+
+
 def _check_part(t: torch.Tensor, name: str, dtype, shape: tuple[int, ...]) -> None:
     if t.device.type != "cpu":
         raise KernelError(f"bitmap part {name}: on {t.device}, the native kernels need CPU tensors")
@@ -126,7 +135,7 @@ def matvec(x: torch.Tensor, bt: BitmapTensor, *, path: str, threads: int, int8_x
 
     int8_x (quantized bt only): x quantized to int8 per 32 columns, integer dot products with the
     codes (csrc/matvec_qx.c; reference `reference.sparse_matmul_int8x_reference`); where that kernel
-    does not apply (no AVX2, a zero point above 15) the exact kernel runs instead.
+    does not apply (a path not in int8_x_paths(), a zero point above 15) the exact kernel runs instead.
     """
     check_bitmap(bt)
     rows, cols = bt.shape

@@ -1,0 +1,199 @@
+/* The rows of the fused matvec with int8 activations on AVX-512 VNNI (the driver, the quantization
+ * of x and the integers computed are matvec_qx.c's; see there). Per 64 columns of a row of W
+ * (mask m, n = popcount(m) values):
+ *   expand:  one vpexpandb of the 64 bytes of codes at the step's first value puts the n int8
+ *            weights at their columns, zeros elsewhere (VBMI2);
+ *   dot:     vpdpbusd multiplies unsigned by signed bytes and sums each 4 products into an int32
+ *            lane (VNNI), so x is stored as xq + 128 (in [1, 255]) and the excess, 128 * sum(w)
+ *            per lane, is one more vpdpbusd per step (of 0x80 bytes with w), shared by the rows of
+ *            x and taken off first: w . (xq + 128) - 128 * sum(w) = w . xq, exact in int32 (each
+ *            lane at most 4 * 255 * 128 in magnitude);
+ *   scale:   the 16 lanes are converted to fp32 and multiplied by the d of their block (lanes 0-7:
+ *            the first 32 columns, 8-15: the next 32) into the group's fp32 accumulator.
+ * Group ends inside a step split it by values, as on AVX2 (pdep of the remaining values' columns,
+ * now a 64-bit byte mask register). Steps alternate between two group accumulators (two
+ * dependency chains) and software prefetch runs ahead on the codes and the mask.
+ *
+ * int4 rows are read packed (no unpacked copy, unlike AVX2): per step the 33 bytes holding the
+ * step's 64 nibbles are loaded, one vpermb gives each qword the 4-5 bytes of its 8 nibbles, one
+ * vpmultishiftqb moves nibble k to byte k (from bit 4k, or 4k + 4 where the step starts on an odd
+ * nibble), an AND clears the high halves, and after the expand a masked byte subtraction takes off
+ * the zero point of the values' group (the weights are then in [-15, 15]).
+ *
+ * x's records: per row of x, per 64 columns, 128 bytes (one aligned load each): the 64 bytes
+ * xq + 128 (128 past the end of the row), then 16 fp32, d of the first block 8 times, then d of
+ * the second (0 past the end of the row: a block of zeros).
+ */
+#include "sf_qx.h"
+
+#if SF_X86
+#include <immintrin.h>
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,bmi,bmi2,popcnt,f16c")))
+#define INLINE static inline __attribute__((always_inline))
+#define REC 128 /* bytes of x's record per 64 columns */
+
+int sf_qx512_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+           __builtin_cpu_supports("avx512vbmi2") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+}
+
+int64_t sf_qx512_xrow(int64_t cols) { return (cols + 63) / 64 * REC; }
+
+void sf_qx512_quantize(const void *x, int x_dtype, int64_t batch, int64_t cols, uint8_t *rec) {
+    const int64_t nch = (cols + 63) / 64;
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t k = 0; k < nch; k++) {
+            uint8_t *o = rec + (b * nch + k) * REC;
+            float *d = (float *)(o + 64);
+            for (int h = 0; h < 2; h++) {
+                float v[QX_BLOCK];
+                int8_t xq[QX_BLOCK];
+                sf_qx_load_block(x, x_dtype, cols, b, 2 * k + h, v);
+                float dk = sf_qx_quantize_block(v, xq);
+                for (int i = 0; i < QX_BLOCK; i++) o[QX_BLOCK * h + i] = (uint8_t)(xq[i] + 128);
+                for (int i = 0; i < 8; i++) d[8 * h + i] = dk;
+            }
+        }
+}
+
+/* The group a walk over one row is in. */
+typedef struct {
+    int64_t g, left; /* its index in scales, values not yet seen in it */
+    float s;         /* its scale */
+    __m512i z;       /* its zero point in every byte (int4; 0 for int8) */
+} grp;
+
+VNNI_TARGET INLINE void enter(const sf_quant *q, int64_t g, grp *st) {
+    st->g = g;
+    st->left = q->group_size;
+    st->s = g < q->nscales ? _cvtsh_ss(q->scales[g]) : 0.0f;
+    st->z = _mm512_set1_epi8((char)(q->zeros && g < q->nscales ? q->zeros[g] : 0));
+}
+
+/* int4: g_spread puts bytes 4j .. 4j + 7 of the codes in qword j (vpermb); g_nib[parity] then picks
+ * nibble k of qword j at bit 4k (+4 where the step starts on an odd nibble) into byte k (vpmultishiftqb). */
+static uint8_t g_spread[64] __attribute__((aligned(64)));
+static uint8_t g_nib[2][64] __attribute__((aligned(64)));
+
+void sf_init_qx512_tables(void) {
+    for (int i = 0; i < 64; i++) {
+        g_spread[i] = (uint8_t)(4 * (i / 8) + i % 8);
+        g_nib[0][i] = (uint8_t)(4 * (i % 8));
+        g_nib[1][i] = (uint8_t)(4 * (i % 8) + 4);
+    }
+}
+
+/* The 64 codes from value index pos of the row's codes at c, one per byte in order: int8 bytes, or
+ * int4 nibbles (0..15; nibble k of the codes is the low half of byte k / 2 when k is even). An int4
+ * step reads the 33 bytes holding nibbles pos .. pos + 63 (a masked load: nothing past them). */
+VNNI_TARGET INLINE __m512i codes64(int qbits, const uint8_t *c, int64_t pos) {
+    if (qbits == 8) {
+        __m512i v = _mm512_loadu_si512((const void *)(c + pos));
+        __asm__("" : "+v"(v)); /* a plain load, then the register-form expand: no slower, never a masked load */
+        return v;
+    }
+    __m512i b = _mm512_maskz_loadu_epi8((__mmask64)0x1ffffffffull, (const void *)(c + (pos >> 1)));
+    b = _mm512_permutexvar_epi8(_mm512_load_si512((const void *)g_spread), b);
+    b = _mm512_multishift_epi64_epi8(_mm512_load_si512((const void *)g_nib[pos & 1]), b);
+    return _mm512_and_si512(b, _mm512_set1_epi8(0x0f));
+}
+
+/* The weights of the values under byte mask k of an expanded step: w there (int8), or w minus the
+ * group's zero point there (int4); zero elsewhere. */
+VNNI_TARGET INLINE __m512i part(int qbits, __m512i w, uint64_t k, const grp *st) {
+    return qbits == 8 ? _mm512_maskz_mov_epi8((__mmask64)k, w) : _mm512_maskz_sub_epi8((__mmask64)k, w, st->z);
+}
+
+/* gacc[b] += d * (w . xq) over one record's 64 columns, for nb rows of x. */
+VNNI_TARGET INLINE void dot64(__m512i w, const uint8_t *xr, int64_t xrow, int nb, __m512 *gacc) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i base = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8((char)0x80), w));
+    for (int b = 0; b < nb; b++) {
+        __m512i p = _mm512_dpbusd_epi32(base, _mm512_load_si512((const void *)(xr + b * xrow)), w);
+        gacc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_load_ps((const float *)(xr + b * xrow + 64)), gacc[b]);
+    }
+}
+
+/* acc[b] += scale * (gacc[b] + gacc2[b]), both cleared: the end of a group. */
+VNNI_TARGET INLINE void flush(int nb, float s, __m512 *acc, __m512 *gacc, __m512 *gacc2) {
+    for (int b = 0; b < nb; b++) {
+        acc[b] = _mm512_fmadd_ps(_mm512_add_ps(gacc[b], gacc2[b]), _mm512_set1_ps(s), acc[b]);
+        gacc[b] = gacc2[b] = _mm512_setzero_ps();
+    }
+}
+
+/* One 64-column step (mask m, x's record xr) into gacc, moving the walk over the groups on. */
+VNNI_TARGET INLINE void step(int qbits, const sf_quant *q, const uint8_t *c, int64_t *pos, uint64_t m,
+                             const uint8_t *xr, int64_t xrow, int nb, grp *st, __m512 *acc, __m512 *gacc,
+                             __m512 *gacc2) {
+    __m512i w = _mm512_maskz_expand_epi8((__mmask64)m, codes64(qbits, c, *pos));
+    int64_t nrest = _mm_popcnt_u64(m);
+    *pos += nrest;
+    uint64_t rest = m;
+    while (__builtin_expect(nrest > st->left, 0)) { /* the group ends inside this step (left < 64) */
+        uint64_t first = _pdep_u64((1ull << st->left) - 1, rest);
+        dot64(part(qbits, w, first, st), xr, xrow, nb, gacc);
+        rest &= ~first;
+        nrest -= st->left;
+        flush(nb, st->s, acc, gacc, gacc2);
+        enter(q, st->g + 1, st);
+    }
+    dot64(qbits == 8 && rest == m ? w : part(qbits, w, rest, st), xr, xrow, nb, gacc);
+    st->left -= nrest;
+    if (!st->left) {
+        flush(nb, st->s, acc, gacc, gacc2);
+        enter(q, st->g + 1, st);
+    }
+}
+
+/* out[b] = W[row] . x[b] for nb rows of x; pos0: the row's first value in c (int4: a nibble index,
+ * 0 or 1). Reads stay within cols + 64 values of it. Returns the values its mask consumed. */
+VNNI_TARGET INLINE int64_t row(int qbits, const sf_quant *q, const uint8_t *c, int64_t pos0, int64_t gstart,
+                               const uint8_t *mask, int64_t cols, const uint8_t *xr, int64_t xrow, int nb,
+                               float *out) {
+    __m512 acc[QX_GROUP], g0[QX_GROUP], g1[QX_GROUP]; /* the row's sum; the group's, of even and odd steps */
+    for (int b = 0; b < nb; b++) acc[b] = g0[b] = g1[b] = _mm512_setzero_ps();
+    grp st;
+    enter(q, gstart, &st);
+    int64_t pos = pos0, j = 0;
+    for (; j + 128 <= cols; j += 128) {
+        uint64_t m0, m1;
+        memcpy(&m0, mask + j / 8, 8);
+        memcpy(&m1, mask + j / 8 + 8, 8);
+        SF_PREFETCH(c + (qbits == 8 ? pos : pos >> 1) + SF_PREFETCH_AHEAD);
+        if (!(j & 511)) SF_PREFETCH(mask + j / 8 + SF_PREFETCH_AHEAD / 8);
+        const uint8_t *r = xr + j / 64 * REC;
+        step(qbits, q, c, &pos, m0, r, xrow, nb, &st, acc, g0, g1);
+        step(qbits, q, c, &pos, m1, r + REC, xrow, nb, &st, acc, g1, g0);
+    }
+    for (; j < cols; j += 64) {
+        int64_t k = cols - j < 64 ? cols - j : 64;
+        uint64_t m = 0;
+        memcpy(&m, mask + j / 8, (size_t)((k + 7) / 8));
+        if (k < 64) m &= (1ull << k) - 1;
+        step(qbits, q, c, &pos, m, xr + j / 64 * REC, xrow, nb, &st, acc, g0, g1);
+    }
+    for (int b = 0; b < nb; b++) {
+        __m512 s = acc[b];
+        if (st.left < q->group_size) /* a group in progress */
+            s = _mm512_fmadd_ps(_mm512_add_ps(g0[b], g1[b]), _mm512_set1_ps(st.s), s);
+        out[b] = _mm512_reduce_add_ps(s);
+    }
+    return pos - pos0;
+}
+
+#define ROW(QB, NB)                                                                                                 \
+    VNNI_TARGET static int64_t row##QB##_##NB(const sf_quant *q, const uint8_t *c, int64_t pos0, int64_t gstart,     \
+                                              const uint8_t *mask, int64_t cols, const uint8_t *xr, int64_t xrow,  \
+                                              float *out) {                                                        \
+        return row(QB, q, c, pos0, gstart, mask, cols, xr, xrow, NB, out);                                         \
+    }
+ROW(8, 1) ROW(8, 2) ROW(8, 3) ROW(8, 4)
+ROW(4, 1) ROW(4, 2) ROW(4, 3) ROW(4, 4)
+const sf_qx_row_fn sf_qx512_rows[2][QX_GROUP] = {{row8_1, row8_2, row8_3, row8_4}, {row4_1, row4_2, row4_3, row4_4}};
+
+#endif /* SF_X86 */
