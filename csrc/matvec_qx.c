@@ -249,8 +249,9 @@ int64_t sf_matvec_qx(int path, const sf_quant *q, int64_t rows, int64_t cols, in
     if ((path != SF_PATH_AVX2 && path != SF_PATH_AVX512) || !(sf_qx_paths() & (1 << path)) ||
         (q->qbits != 8 && q->qbits != 4) || cols < 1)
         return -3;
-    for (int64_t g = 0; q->zeros && g < q->nscales; g++)
-        if (q->zeros[g] > 15) return -3; /* not a 4-bit zero point: c - z would not fit the byte lanes */
+    uint8_t wide_zero = 0; /* a zero point above 15 (not 4-bit): c - z would not fit the byte lanes */
+    for (int64_t g = 0; q->zeros && g < q->nscales; g++) wide_zero |= q->zeros[g] > 15; /* no early exit: vectorized */
+    if (wide_zero) return -3;
     const int wide = path == SF_PATH_AVX512;
     const int64_t mask_stride = (cols + 7) / 8, nblk = (cols + QX_BLOCK - 1) / QX_BLOCK;
     const int64_t xrow = wide ? sf_qx512_xrow(cols) : nblk * QX_REC;

@@ -43,18 +43,50 @@ int sf_qx512_supported(void) {
 
 int64_t sf_qx512_xrow(int64_t cols) { return (cols + 63) / 64 * REC; }
 
-void sf_qx512_quantize(const void *x, int x_dtype, int64_t batch, int64_t cols, uint8_t *rec) {
+/* One 32-column block of x (v: 32 fp32, zeros past the row) quantized as sf_qx_quantize_block does
+ * it, bit for bit (the same IEEE division and round-half-even), into 32 bytes xq + 128 at o; returns d. */
+VNNI_TARGET static float quantize_block(__m512 v0, __m512 v1, uint8_t *o) {
+    const __m512 lim = _mm512_set1_ps(3.4028234663852886e38f);
+    __m512 a0 = _mm512_abs_ps(v0), a1 = _mm512_abs_ps(v1);
+    /* Inf or NaN anywhere: not (|v| <= FLT_MAX) */
+    __mmask16 bad = _mm512_cmp_ps_mask(a0, lim, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(a1, lim, _CMP_NLE_UQ);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+    float d = bad ? NAN : amax / 127.0f;
+    __m128i q0 = _mm_setzero_si128(), q1 = _mm_setzero_si128();
+    if (!bad && d > 0.0f) {
+        const __m512 dv = _mm512_set1_ps(d), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+        __m512 r0 = _mm512_roundscale_ps(_mm512_div_ps(v0, dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r1 = _mm512_roundscale_ps(_mm512_div_ps(v1, dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r0, lo), hi)));
+        q1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r1, lo), hi)));
+    }
+    const __m128i off = _mm_set1_epi8((char)0x80);
+    _mm_storeu_si128((__m128i *)o, _mm_add_epi8(q0, off));
+    _mm_storeu_si128((__m128i *)(o + 16), _mm_add_epi8(q1, off));
+    return d;
+}
+
+/* 16 columns of row b of x from column j as fp32 (zeros past cols). */
+VNNI_TARGET static inline __m512 load16(const void *x, int x_dtype, int64_t cols, int64_t b, int64_t j) {
+    int64_t n = cols - j;
+    __mmask16 k = n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+    if (x_dtype == SF_BF16) {
+        __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t *)x + b * cols + j);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(k, (const float *)x + b * cols + j);
+}
+
+VNNI_TARGET void sf_qx512_quantize(const void *x, int x_dtype, int64_t batch, int64_t cols, uint8_t *rec) {
     const int64_t nch = (cols + 63) / 64;
     for (int64_t b = 0; b < batch; b++)
         for (int64_t k = 0; k < nch; k++) {
             uint8_t *o = rec + (b * nch + k) * REC;
             float *d = (float *)(o + 64);
             for (int h = 0; h < 2; h++) {
-                float v[QX_BLOCK];
-                int8_t xq[QX_BLOCK];
-                sf_qx_load_block(x, x_dtype, cols, b, 2 * k + h, v);
-                float dk = sf_qx_quantize_block(v, xq);
-                for (int i = 0; i < QX_BLOCK; i++) o[QX_BLOCK * h + i] = (uint8_t)(xq[i] + 128);
+                int64_t j = (2 * k + h) * QX_BLOCK;
+                float dk = quantize_block(load16(x, x_dtype, cols, b, j), load16(x, x_dtype, cols, b, j + 16),
+                                          o + QX_BLOCK * h);
                 for (int i = 0; i < 8; i++) d[8 * h + i] = dk;
             }
         }
