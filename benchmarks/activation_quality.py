@@ -3,11 +3,13 @@
     python benchmarks/activation_quality.py                 # the demo model (SmolLM2-135M), 64 windows of 32 tokens
     python benchmarks/activation_quality.py --model DIR --values int8,int4 --max-windows 128
 
-On the AVX2 path, the fused matvec of quantized values quantizes x to int8 per 32 columns
-(csrc/matvec_qx.c); the exact path (SPARSEFERRY_EXACT_QUANT=1) rounds only the weights. Both run
-the same checkpoint through the streaming runtime on windows of `--seqlen` tokens (at most
-MATVEC_MAX_BATCH rows, so every matmul is the fused kernel, as in a decode step) of the held-out
-text; the table gives both perplexities and their ratio. The dense model (transformers) is the
+On the paths with the integer kernel (AVX2: csrc/matvec_qx.c; AVX-512 VNNI: csrc/matvec_qx512.c;
+`--path`, default the fastest this CPU has), the fused matvec of quantized values quantizes x to
+int8 per 32 columns; the exact path (SPARSEFERRY_EXACT_QUANT=1) rounds only the weights. Both run
+the same checkpoint through the streaming runtime on windows of `--seqlen` tokens of the held-out
+text, every matmul through the fused kernel as in a decode step (the fused kernel's batch limit,
+MATVEC_MAX_BATCH, is raised to the window for this measurement: its numbers do not depend on the
+batch); the table gives both perplexities and their ratio. The dense model (transformers) is the
 reference row.
 """
 from __future__ import annotations
@@ -32,14 +34,19 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=32)
     ap.add_argument("--max-windows", type=int, default=64)
     ap.add_argument("--text", default="stdlib")
+    ap.add_argument("--path", choices=["avx512", "avx2"], help="kernel path (default: the first with int8 activations)")
     args = ap.parse_args()
-    if K.kernel_path("cpu") != "avx2":
-        os.environ[K.ENV_VAR] = "avx2"  # the path whose default this measures
+    paths = K.native.int8_x_paths()
+    path = args.path or (paths[0] if paths else None)
+    if path not in paths:
+        raise SystemExit(f"no int8-activation kernel on the {path or 'native'} path of this CPU")
+    os.environ[K.ENV_VAR] = path
+    K.MATVEC_MAX_BATCH = max(K.MATVEC_MAX_BATCH, args.seqlen)  # every window through the fused kernel
     model = Path(args.model) if args.model else ensure_demo_model()
     text = evaluation_text(args.text)
     opts = dict(seqlen=args.seqlen, stride=args.seqlen, max_windows=args.max_windows, progress=False)
     dense = perplexity(model, text, **opts)
-    print(f"{dense['windows']} windows x {args.seqlen} tokens ({dense['tokens']} scored), kernel path avx2")
+    print(f"{dense['windows']} windows x {args.seqlen} tokens ({dense['tokens']} scored), kernel path {path}")
     print("| values | group | x exact | x int8 (default) | ratio |\n|---|---|---|---|---|")
     print(f"| dense bf16 (transformers) | - | {dense['ppl']:.3f} | - | - |")
     with tempfile.TemporaryDirectory() as tmp:
