@@ -21,7 +21,7 @@ def sparse_matmul_reference(x: torch.Tensor, bt: BitmapTensor, bias: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------
-# int8 activations: the quantized-values matvec of the AVX2 path (csrc/matvec_qx.c)
+# int8 activations: the quantized-values matvec of the AVX2 and AVX-512 VNNI paths (csrc/matvec_qx.c, matvec_qx512.c)
 
 X_BLOCK = 32  # columns of x per activation scale
 
