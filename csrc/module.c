@@ -182,6 +182,19 @@ static PyObject *py_matvec_qx(PyObject *self, PyObject *args) {
     return matvec_q_any(args, 1);
 }
 
+/* rmsnorm_bf16(x, w, rows, h, eps, out): bf16 rows (addresses checked by the caller) */
+static PyObject *py_rmsnorm_bf16(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, w, out;
+    long long rows, h;
+    double eps;
+    if (!PyArg_ParseTuple(args, "KKLLdK", &x, &w, &rows, &h, &eps, &out)) return NULL;
+    if (rows < 0 || h < 1) return PyErr_Format(PyExc_ValueError, "rmsnorm: %lld rows of %lld", rows, h);
+    sf_rmsnorm_bf16((const uint16_t *)(uintptr_t)x, (const uint16_t *)(uintptr_t)w, rows, h, (float)eps,
+                    (uint16_t *)(uintptr_t)out);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"supported_paths", py_supported_paths, METH_NOARGS, "Bit set of runnable paths: 1<<0 c, 1<<1 avx2, 1<<2 avx512."},
     {"qx_paths", py_qx_paths, METH_NOARGS, "Bit set of the paths matvec_qx runs on here (int8 activations)."},
@@ -190,6 +203,7 @@ static PyMethodDef methods[] = {
     {"matvec_dense", py_matvec_dense, METH_VARARGS, "y = x @ W.T for a dense row-major W (fp32 accumulation)."},
     {"decompress_q", py_decompress_q, METH_VARARGS, "Quantized bitmap -> dense, dequantizing; -1 or a bad row."},
     {"matvec_q", py_matvec_q, METH_VARARGS, "y = x @ W.T from a quantized bitmap; -1 or a bad row."},
+    {"rmsnorm_bf16", py_rmsnorm_bf16, METH_VARARGS, "transformers' RMSNorm of bf16 rows with a bf16 weight."},
     {"matvec_qx", py_matvec_qx, METH_VARARGS, "matvec_q with x quantized to int8 per 32 columns; -3: not here."},
     {NULL, NULL, 0, NULL},
 };

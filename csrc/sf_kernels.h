@@ -98,6 +98,9 @@ int64_t sf_matvec_qx(int path, const sf_quant *q, int64_t rows, int64_t cols, in
                      const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch, float *y, int threads);
 void sf_init_qx_tables(void);
 
+/* out[rows, h] = transformers' RMSNorm of the bf16 rows x[rows, h] with bf16 weight w[h] (norm.c). */
+void sf_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, int64_t rows, int64_t h, float eps, uint16_t *out);
+
 /* Row r's n values (first value `start`) refer only to groups inside scales. */
 int sf_quant_row_ok(const sf_quant *q, int64_t r, int64_t start, int64_t n);
 /* dst[0..n) = row r's n dequantized values (first value `start`), in out_dtype. */

@@ -177,3 +177,19 @@ def matvec_dense(x: torch.Tensor, w: torch.Tensor, *, path: str, threads: int) -
     elif batch and rows:
         y.zero_()
     return y
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm (LlamaRMSNorm's arithmetic: csrc/norm.c) of bf16 x [..., h] with a bf16
+    weight [h], on the CPU, in one call; the same shape and dtype as x."""
+    h = x.shape[-1] if x.dim() else 0
+    if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or weight.device.type != "cpu" or weight.dim() != 1 or weight.shape[0] != h or h < 1
+            or not weight.is_contiguous()):
+        raise KernelError(f"rms_norm_bf16: x {x.dtype} {list(x.shape)} on {x.device}, weight {weight.dtype} "
+                          f"{list(weight.shape)} on {weight.device}: expected bf16 CPU tensors, weight [h] contiguous")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if x.numel():
+        _native.rmsnorm_bf16(x.data_ptr(), weight.data_ptr(), x.numel() // h, h, float(eps), out.data_ptr())
+    return out

@@ -29,7 +29,7 @@ from .embedding import RowReader, embed_on_demand
 from .hf_compat import check_local_path, from_pretrained_options
 from .expert_cache import ExpertCache, expert_keys
 from .experts import ExpertsRuntime
-from . import placeholders
+from . import norms, placeholders
 from .pipeline import LayerSource, Pipeline
 from .plan import Plan, make_plan
 from .whole_experts import whole_experts
@@ -159,6 +159,7 @@ class StreamingEngine:
         self.closed = False
         if device.type == "cpu":
             self._patch_dense_linears()
+            norms.patch(model)  # RMSNorm in one native call (runtime/norms.py)
         if self.pipeline is not None and self.pipeline.mode == "views":
             self._patch_bitmap_modules()
         if self.experts is not None:
