@@ -64,6 +64,9 @@ static void quantize_x(const void *x, int x_dtype, int64_t batch, int64_t cols, 
  * g_tab[m][1]: 0 in bytes 0-7, ranks of m's bits in bytes 8-15 (0x80 where clear). */
 static uint8_t g_tab[256][2][16] __attribute__((aligned(32)));
 
+static int g_qx_paths = -1; /* set by sf_init_qx_tables at module import: the CPU does not change */
+static int qx_paths_now(void);
+
 void sf_init_qx_tables(void) {
     for (int m = 0; m < 256; m++) {
         int rank = 0;
@@ -76,6 +79,7 @@ void sf_init_qx_tables(void) {
         for (int k = 0; k < 8; k++) g_tab[m][0][8 + k] = (uint8_t)rank;
     }
     sf_init_qx512_tables();
+    g_qx_paths = qx_paths_now();
 }
 
 /* int4 rows first become int8 rows: out[k] = nibble(pos0 + k) of c minus its group's zero point, for
@@ -205,13 +209,9 @@ AVX2_TARGET INLINE int64_t qx_row(const sf_quant *q, const uint8_t *c, int64_t p
         qx_step(q, c, &pos, (uint32_t)m, r, xrow, nb, &st, acc, g0, g1);
         qx_step(q, c, &pos, (uint32_t)(m >> 32), r + QX_REC, xrow, nb, &st, acc, g1, g0);
     }
-    for (; j < cols; j += 32) {
-        uint32_t m = 0;
-        int64_t k = cols - j < 32 ? cols - j : 32;
-        memcpy(&m, mask + j / 8, (size_t)((k + 7) / 8));
-        if (k < 32) m &= (1u << k) - 1;
-        qx_step(q, c, &pos, m, xr + j / QX_BLOCK * QX_REC, xrow, nb, &st, acc, g0, g1);
-    }
+    for (; j < cols; j += 32)
+        qx_step(q, c, &pos, (uint32_t)sf_mask_bits(mask, j, cols, 32), xr + j / QX_BLOCK * QX_REC, xrow, nb, &st, acc,
+                g0, g1);
     for (int b = 0; b < nb; b++) {
         __m256 s = acc[b];
         if (st.left < q->group_size) /* a group in progress */
@@ -238,11 +238,13 @@ static const sf_qx_row_fn g_qx[GROUP] = {qx_1, qx_2, qx_3, qx_4};
  * the last byte strictly inside the codes). */
 #define READ_SLACK 72
 
-int sf_qx_paths(void) {
-    int paths = sf_supported_paths() & (1 << SF_PATH_AVX2);
-    if ((sf_supported_paths() & (1 << SF_PATH_AVX512)) && sf_qx512_supported()) paths |= 1 << SF_PATH_AVX512;
+static int qx_paths_now(void) {
+    int all = sf_supported_paths(), paths = all & (1 << SF_PATH_AVX2);
+    if ((all & (1 << SF_PATH_AVX512)) && sf_qx512_supported()) paths |= 1 << SF_PATH_AVX512;
     return paths;
 }
+
+int sf_qx_paths(void) { return g_qx_paths >= 0 ? g_qx_paths : qx_paths_now(); }
 
 int64_t sf_matvec_qx(int path, const sf_quant *q, int64_t rows, int64_t cols, int64_t nnz, const uint8_t *bitmask,
                      const int64_t *row_offsets, const void *x, int x_dtype, int64_t batch, float *y, int threads) {

@@ -202,13 +202,8 @@ VNNI_TARGET INLINE int64_t row(int qbits, const sf_quant *q, const uint8_t *c, i
         step(qbits, q, c, &pos, m0, r, xrow, nb, &st, acc, g0, g1);
         step(qbits, q, c, &pos, m1, r + REC, xrow, nb, &st, acc, g1, g0);
     }
-    for (; j < cols; j += 64) {
-        int64_t k = cols - j < 64 ? cols - j : 64;
-        uint64_t m = 0;
-        memcpy(&m, mask + j / 8, (size_t)((k + 7) / 8));
-        if (k < 64) m &= (1ull << k) - 1;
-        step(qbits, q, c, &pos, m, xr + j / 64 * REC, xrow, nb, &st, acc, g0, g1);
-    }
+    for (; j < cols; j += 64)
+        step(qbits, q, c, &pos, sf_mask_bits(mask, j, cols, 64), xr + j / 64 * REC, xrow, nb, &st, acc, g0, g1);
     for (int b = 0; b < nb; b++) {
         __m512 s = acc[b];
         if (st.left < q->group_size) /* a group in progress */

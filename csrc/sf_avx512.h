@@ -54,11 +54,7 @@ AVX512_TARGET SF_INLINE void sf_mul32(int mode, __m512i w, const void *x, int64_
 
 /* The mask of the 32 columns starting at column j of a row of `cols` (bits past cols cleared). */
 SF_INLINE __mmask32 sf_mask32(const uint8_t *mask, int64_t j, int64_t cols) {
-    int64_t n = cols - j < 32 ? cols - j : 32;
-    uint32_t m = 0;
-    memcpy(&m, mask + j / 8, (size_t)((n + 7) / 8));
-    if (n < 32) m &= (1u << n) - 1;
-    return (__mmask32)m;
+    return (__mmask32)sf_mask_bits(mask, j, cols, 32);
 }
 
 /* Fused matvec of one quantized row (matvec_q.c): acc[b] = dequant(W[row]) . x[b] for nb rows of the

@@ -142,6 +142,15 @@ int sf_threads_for(int threads, int64_t rows, int64_t bytes);
 #endif
 #define SF_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
 
+/* The mask bits of the (at most 64) columns j .. j + width of a row of `cols`, bit 0 = column j;
+ * bits past cols cleared, bytes past the row's never read (the tail step of every fused kernel). */
+static inline uint64_t sf_mask_bits(const uint8_t *mask, int64_t j, int64_t cols, int width) {
+    int64_t n = cols - j < width ? cols - j : width;
+    uint64_t m = 0;
+    memcpy(&m, mask + j / 8, (size_t)((n + 7) / 8));
+    return n < 64 ? m & ((1ull << n) - 1) : m;
+}
+
 static inline float sf_bf16_to_f32(uint16_t h) { /* bf16 is the top half of an fp32: exact */
     uint32_t u = (uint32_t)h << 16;
     float f;
