@@ -195,6 +195,51 @@ static PyObject *py_rmsnorm_bf16(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* rope_bf16(x, b, t, heads, hd, cos, sin, cos_batch): in place (decode.c) */
+static PyObject *py_rope_bf16(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, c, s;
+    long long b, t, heads, hd, cb;
+    if (!PyArg_ParseTuple(args, "KLLLLKKL", &x, &b, &t, &heads, &hd, &c, &s, &cb)) return NULL;
+    if (b < 0 || t < 0 || heads < 0 || hd < 2 || hd % 2 || hd > 512 || (cb != 1 && cb != b))
+        return PyErr_Format(PyExc_ValueError, "rope: b %lld t %lld heads %lld head_dim %lld cos batch %lld", b, t, heads,
+                            hd, cb);
+    Py_BEGIN_ALLOW_THREADS
+    sf_rope_bf16((uint16_t *)(uintptr_t)x, b, t, heads, hd, (const uint16_t *)(uintptr_t)c,
+                 (const uint16_t *)(uintptr_t)s, cb);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* silu_mul_bf16(g, u, n, out) / add_bf16(a, b, n, out): n bf16 numbers */
+static PyObject *py_silu_mul_bf16(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long g, u, out;
+    long long n;
+    if (!PyArg_ParseTuple(args, "KKLK", &g, &u, &n, &out)) return NULL;
+    sf_silu_mul_bf16((const uint16_t *)(uintptr_t)g, (const uint16_t *)(uintptr_t)u, n, (uint16_t *)(uintptr_t)out);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_add_bf16(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long a, b, out;
+    long long n;
+    if (!PyArg_ParseTuple(args, "KKLK", &a, &b, &n, &out)) return NULL;
+    sf_add_bf16((const uint16_t *)(uintptr_t)a, (const uint16_t *)(uintptr_t)b, n, (uint16_t *)(uintptr_t)out);
+    Py_RETURN_NONE;
+}
+
+/* round_bf16(y, batch, rows, bias or 0, out): fp32 [batch, rows] (+ bf16 bias [rows]) -> bf16 */
+static PyObject *py_round_bf16(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long y, bias, out;
+    long long batch, rows;
+    if (!PyArg_ParseTuple(args, "KLLKK", &y, &batch, &rows, &bias, &out)) return NULL;
+    sf_round_bf16((const float *)(uintptr_t)y, batch, rows, (const uint16_t *)(uintptr_t)bias, (uint16_t *)(uintptr_t)out);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"supported_paths", py_supported_paths, METH_NOARGS, "Bit set of runnable paths: 1<<0 c, 1<<1 avx2, 1<<2 avx512."},
     {"qx_paths", py_qx_paths, METH_NOARGS, "Bit set of the paths matvec_qx runs on here (int8 activations)."},
@@ -204,6 +249,10 @@ static PyMethodDef methods[] = {
     {"decompress_q", py_decompress_q, METH_VARARGS, "Quantized bitmap -> dense, dequantizing; -1 or a bad row."},
     {"matvec_q", py_matvec_q, METH_VARARGS, "y = x @ W.T from a quantized bitmap; -1 or a bad row."},
     {"rmsnorm_bf16", py_rmsnorm_bf16, METH_VARARGS, "transformers' RMSNorm of bf16 rows with a bf16 weight."},
+    {"rope_bf16", py_rope_bf16, METH_VARARGS, "Rotary embedding of bf16 heads in place, transformers' rounding."},
+    {"silu_mul_bf16", py_silu_mul_bf16, METH_VARARGS, "bf16(silu(g)) * u in bf16."},
+    {"add_bf16", py_add_bf16, METH_VARARGS, "a + b in bf16."},
+    {"round_bf16", py_round_bf16, METH_VARARGS, "fp32 rows (+ a bf16 bias) rounded to bf16."},
     {"matvec_qx", py_matvec_qx, METH_VARARGS, "matvec_q with x quantized to int8 per 32 columns; -3: not here."},
     {NULL, NULL, 0, NULL},
 };

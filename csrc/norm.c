@@ -13,13 +13,6 @@
 
 #include <math.h>
 
-static inline uint16_t f32_to_bf16(float f) { /* without a branch: the loops below vectorize */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r); /* NaN, as torch rounds it */
-}
-
 void sf_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, int64_t rows, int64_t h, float eps, uint16_t *out) {
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *xr = x + r * h;
@@ -39,6 +32,6 @@ void sf_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, int64_t rows, int64_t
         float inv = 1.0f / sqrtf(s / (float)h + eps);
         uint16_t *o = out + r * h;
         for (j = 0; j < h; j++)
-            o[j] = f32_to_bf16(sf_bf16_to_f32(w[j]) * sf_bf16_to_f32(f32_to_bf16(sf_bf16_to_f32(xr[j]) * inv)));
+            o[j] = sf_f32_to_bf16(sf_bf16_to_f32(w[j]) * sf_bf16_to_f32(sf_f32_to_bf16(sf_bf16_to_f32(xr[j]) * inv)));
     }
 }

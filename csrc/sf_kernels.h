@@ -101,6 +101,13 @@ void sf_init_qx_tables(void);
 /* out[rows, h] = transformers' RMSNorm of the bf16 rows x[rows, h] with bf16 weight w[h] (norm.c). */
 void sf_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, int64_t rows, int64_t h, float eps, uint16_t *out);
 
+/* The other pieces of a Llama-family decode step on bf16 rows (decode.c). */
+void sf_rope_bf16(uint16_t *x, int64_t b, int64_t t, int64_t heads, int64_t hd, const uint16_t *cos,
+                  const uint16_t *sin, int64_t cos_batch);
+void sf_silu_mul_bf16(const uint16_t *g, const uint16_t *u, int64_t n, uint16_t *out);
+void sf_add_bf16(const uint16_t *a, const uint16_t *b, int64_t n, uint16_t *out);
+void sf_round_bf16(const float *y, int64_t batch, int64_t rows, const uint16_t *bias, uint16_t *out);
+
 /* Row r's n values (first value `start`) refer only to groups inside scales. */
 int sf_quant_row_ok(const sf_quant *q, int64_t r, int64_t start, int64_t n);
 /* dst[0..n) = row r's n dequantized values (first value `start`), in out_dtype. */
@@ -156,6 +163,14 @@ static inline float sf_bf16_to_f32(uint16_t h) { /* bf16 is the top half of an f
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+/* fp32 -> bf16 as torch rounds it (nearest even; NaN to 0x7fc0), without a branch so loops vectorize. */
+static inline uint16_t sf_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r);
 }
 
 static inline float sf_f16_to_f32(uint16_t h) { /* IEEE binary16 -> binary32, exact (subnormals, Inf, NaN) */

@@ -137,27 +137,43 @@ def matvec(x: torch.Tensor, bt: BitmapTensor, *, path: str, threads: int, int8_x
     codes (csrc/matvec_qx.c; reference `reference.sparse_matmul_int8x_reference`); where that kernel
     does not apply (a path not in int8_x_paths(), a zero point above 15) the exact kernel runs instead.
     """
+    return matvec_prepared(prepare_matvec(bt, path=path, int8_x=int8_x), x, threads=threads)
+
+
+def prepare_matvec(bt: BitmapTensor, *, path: str, int8_x: bool = False) -> tuple:
+    """bt checked (`check_bitmap`) and its arguments for the extension, for `matvec_prepared`: a caller
+    that multiplies by the same matrix many times checks it once. The tuple holds raw addresses:
+    it is valid only while bt's tensors live (the caller keeps bt)."""
     check_bitmap(bt)
     rows, cols = bt.shape
+    if isinstance(bt, QuantBitmapTensor):  # each row dequantized, then multiplied
+        head = (PATHS[path], *_quant_args(bt), bt.bitmask.data_ptr(), bt.row_offsets.data_ptr())
+        return (2 if int8_x else 1, rows, cols, head, bt)
+    head = (PATHS[path], _DTYPE_CODES[bt.dtype], rows, cols, bt.values.data_ptr(), bt.nnz, bt.bitmask.data_ptr(),
+            bt.row_offsets.data_ptr())
+    return (0, rows, cols, head, bt)
+
+
+def matvec_prepared(prep: tuple, x: torch.Tensor, *, threads: int) -> torch.Tensor:
+    """`matvec` of the matrix `prepare_matvec` checked: x [batch, cols] -> fp32 [batch, rows]."""
+    kind, rows, cols, head, bt = prep
+    if x.dim() != 2 or x.shape[1] != cols or x.device.type != "cpu":
+        raise KernelError(f"matvec: x is {list(x.shape)} on {x.device}, expected [batch, {cols}] on the CPU")
     # [batch, cols] contiguous, bf16 or fp32: bf16 x meets bf16 W in one dot instruction (AVX512_BF16)
     x = (x if x.dtype == torch.bfloat16 else x.to(torch.float32)).contiguous()
     batch = x.shape[0]
     y = torch.empty(batch, rows, dtype=torch.float32)
-    if batch and rows and isinstance(bt, QuantBitmapTensor):  # each row dequantized, then multiplied
-        args = (PATHS[path], *_quant_args(bt), bt.bitmask.data_ptr(), bt.row_offsets.data_ptr(),
-                x.data_ptr(), _DTYPE_CODES[x.dtype], batch, y.data_ptr(), threads)
-        bad = _native.matvec_qx(*args) if int8_x else -3
+    if not (batch and rows):
+        return y
+    args = (*head, x.data_ptr(), _DTYPE_CODES[x.dtype], batch, y.data_ptr(), threads)
+    if kind == 0:
+        bad = _native.matvec(*args)
+    else:
+        bad = _native.matvec_qx(*args) if kind == 2 else -3
         if bad == -3:
             bad = _native.matvec_q(*args)
-        if bad >= 0:
-            _raise_bad_row(bt, bad)
-    elif batch and rows:
-        bad = _native.matvec(
-            PATHS[path], _DTYPE_CODES[bt.dtype], rows, cols, bt.values.data_ptr(), bt.nnz, bt.bitmask.data_ptr(),
-            bt.row_offsets.data_ptr(), x.data_ptr(), _DTYPE_CODES[x.dtype], batch, y.data_ptr(), threads,
-        )
-        if bad >= 0:
-            _raise_bad_row(bt, bad)
+    if bad >= 0:
+        _raise_bad_row(bt, bad)
     return y
 
 
@@ -192,4 +208,63 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     out = torch.empty_like(x)
     if x.numel():
         _native.rmsnorm_bf16(x.data_ptr(), weight.data_ptr(), x.numel() // h, h, float(eps), out.data_ptr())
+    return out
+
+
+# The pieces of a decode step between the matrix products (csrc/decode.c; runtime/decode_layer.py).
+
+def _bf16_cpu(name: str, t: torch.Tensor, dim: int) -> None:
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.dim() != dim:
+        raise KernelError(f"{name}: {t.dtype} {list(t.shape)} on {t.device}, expected a {dim}-D bf16 CPU tensor")
+
+
+def rope_bf16(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding (`x * cos + rotate_half(x) * sin`, bit-exact) of x [b, t, heads, d]
+    in place; cos, sin [b or 1, t, d]. Returns x."""
+    _bf16_cpu("rope x", x, 4)
+    b, t, heads, d = x.shape
+    for name, c in (("cos", cos), ("sin", sin)):
+        _bf16_cpu(f"rope {name}", c, 3)
+        if c.shape[0] not in (1, b) or tuple(c.shape[1:]) != (t, d) or not c.is_contiguous():
+            raise KernelError(f"rope {name}: {list(c.shape)}, expected contiguous [{b} or 1, {t}, {d}]")
+    if not x.is_contiguous() or d % 2 or d > 512:
+        raise KernelError(f"rope x: {list(x.shape)}, expected contiguous with an even head size of at most 512")
+    if x.numel():
+        _native.rope_bf16(x.data_ptr(), b, t, heads, d, cos.data_ptr(), sin.data_ptr(), cos.shape[0])
+    return x
+
+
+def _same_bf16(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    for t in (a, b):
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+            raise KernelError(f"{name}: {t.dtype} {list(t.shape)} on {t.device}, expected contiguous bf16 CPU tensors")
+    if a.shape != b.shape:
+        raise KernelError(f"{name}: shapes {list(a.shape)} and {list(b.shape)} differ")
+
+
+def silu_mul_bf16(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u with transformers' bf16 roundings (csrc/decode.c); a new tensor."""
+    _same_bf16("silu_mul", g, u)
+    out = torch.empty_like(g)
+    _native.silu_mul_bf16(g.data_ptr(), u.data_ptr(), g.numel(), out.data_ptr())
+    return out
+
+
+def add_bf16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b in bf16 (bit-exact to torch's); a new tensor."""
+    _same_bf16("add", a, b)
+    out = torch.empty_like(a)
+    _native.add_bf16(a.data_ptr(), b.data_ptr(), a.numel(), out.data_ptr())
+    return out
+
+
+def round_bf16(y: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 y [batch, rows] (+ bf16 bias [rows]) rounded to bf16, as `(y + bias.float()).to(bf16)`."""
+    if y.dtype != torch.float32 or y.device.type != "cpu" or y.dim() != 2 or not y.is_contiguous():
+        raise KernelError(f"round_bf16: y {y.dtype} {list(y.shape)}, expected a contiguous 2-D fp32 CPU tensor")
+    if bias is not None and (bias.dtype != torch.bfloat16 or bias.device.type != "cpu" or not bias.is_contiguous()
+                             or tuple(bias.shape) != (y.shape[1],)):
+        raise KernelError(f"round_bf16: bias {bias.dtype} {list(bias.shape)}, expected contiguous bf16 [{y.shape[1]}]")
+    out = torch.empty(y.shape, dtype=torch.bfloat16)
+    _native.round_bf16(y.data_ptr(), y.shape[0], y.shape[1], 0 if bias is None else bias.data_ptr(), out.data_ptr())
     return out

@@ -29,7 +29,7 @@ from .embedding import RowReader, embed_on_demand
 from .hf_compat import check_local_path, from_pretrained_options
 from .expert_cache import ExpertCache, expert_keys
 from .experts import ExpertsRuntime
-from . import norms, placeholders
+from . import decode_layer, norms, placeholders
 from .pipeline import LayerSource, Pipeline
 from .plan import Plan, make_plan
 from .whole_experts import whole_experts
@@ -160,6 +160,7 @@ class StreamingEngine:
         if device.type == "cpu":
             self._patch_dense_linears()
             norms.patch(model)  # RMSNorm in one native call (runtime/norms.py)
+            decode_layer.patch(model, layers)  # a decode step of a Llama-family layer in native calls
         if self.pipeline is not None and self.pipeline.mode == "views":
             self._patch_bitmap_modules()
         if self.experts is not None:
@@ -214,12 +215,17 @@ class StreamingEngine:
         plen = len(f"{self.ckpt.layers_prefix}.{i}.")
         pinned = {n[plen:] for n in self.pinned if self.ckpt.tensors[n].layer == i}
 
+        owners: dict[str, nn.Module] = {}  # rel name -> the module holding it, looked up once
+
         def pre(module, args):
             for rel, t in self.pipeline.acquire(i).items():  # wait(n)
                 if rel in pinned:
                     continue
                 if isinstance(t, BitmapTensor):  # views mode: the module computes from the bitmap
-                    layer.get_submodule(rel.rpartition(".")[0])._sf_bitmap = t
+                    mod = owners.get(rel)
+                    if mod is None:
+                        mod = owners[rel] = layer.get_submodule(rel.rpartition(".")[0])
+                    mod.__dict__["_sf_bitmap"] = t  # a plain attribute: nn.Module's __setattr__ is slow
                 elif isinstance(t, list):  # views mode, a layer streamed whole: every expert decoded
                     _set_param(layer, rel, whole_experts(t, self.ckpt.tensors[f"{prefix}{rel}"].shape))
                 else:

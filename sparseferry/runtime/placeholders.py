@@ -98,8 +98,8 @@ def restore(engine, i: int) -> None:
     """After layer i's forward: its parameters are placeholders again, its compressed views dropped."""
     for mod, leaf, ph in engine.placeholders.get(i, {}).values():
         mod._parameters[leaf] = ph
-        if getattr(mod, "_sf_bitmap", None) is not None:
-            mod._sf_bitmap = None
+        if mod.__dict__.get("_sf_bitmap") is not None:
+            mod.__dict__["_sf_bitmap"] = None
 
 
 def _refuse_state_dict(engine, what: str):
