@@ -9,7 +9,8 @@ forward passes). Three actors work on consecutive n at once:
 
 so from the compute side the loop reads `prefetch(n+1..n+K-1); wait(n); compute(n); release(n)`: the
 prefetch is the two threads running ahead, bounded by K slots and R read buffers. Layers resident
-compressed (or in host memory) skip the read; disk layers are read with direct I/O and their checksum
+compressed (or in host memory) skip the read (and where every layer is resident on the CPU there are
+no threads at all: wait(n) hands out the layer's views, made once); disk layers are read with direct I/O and their checksum
 is verified before anything is decompressed. On CUDA the copy to the device and the decompression
 run on a side stream; a slot is reused only after the compute stream has finished with it (event).
 
@@ -127,6 +128,10 @@ class Pipeline:
         self._resident_views: dict[int, dict] = {}  # layer -> views of its resident bytes (see _views)
         # "slots": decompress whole layers into dense slots (CUDA); "views": hand out the compressed views
         self.mode = "slots" if nslots else "views"
+        # views of layers all resident: nothing to read or decompress, so no threads: acquire hands out
+        # the views made once (threads woken at every layer would take the cores from the kernels)
+        self.direct = self.mode == "views" and not any_disk
+        self._direct_views: dict[int, dict] = {}
         self.cv = threading.Condition()
         self.threads: list[threading.Thread] = []
         self._reset(base=0)
@@ -153,7 +158,7 @@ class Pipeline:
         return self.order[(self.base + n) % len(self.order)]
 
     def start(self) -> None:
-        if self.threads or not self.order:
+        if self.threads or not self.order or self.direct:
             return
         self.threads = [threading.Thread(target=self._reader, name="sparseferry-reader", daemon=True),
                         threading.Thread(target=self._decompressor, name="sparseferry-decompress", daemon=True)]
@@ -336,6 +341,15 @@ class Pipeline:
     # -- compute side
     def acquire(self, layer: int) -> dict[str, torch.Tensor]:
         """wait(n): the dense tensors of `layer` (views into its slot), once decompressed."""
+        if self.direct:
+            views = self._direct_views.get(layer)
+            if views is None:
+                src = self.sources[self.pos[layer]]
+                plen = len(self.prefix[layer])
+                views = {name[plen:]: v for name, v in self._views(layer, src.data, verify=False).items()}
+                self._direct_views[layer] = views
+            self.stats.uses += 1
+            return views
         t0 = time.perf_counter()
         self.start()
         with self.cv:
@@ -376,6 +390,8 @@ class Pipeline:
 
     def release(self, layer: int) -> None:
         """release(n): compute is done with the slot of `layer`."""
+        if self.direct:
+            return
         with self.cv:
             n = self.cur
             if self.layer_of(n) != layer:
