@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a HuggingFace checkpoint folder into a sparseferry checkpoint")
     p.add_argument("src", help="HuggingFace model folder (config.json + *.safetensors or *.bin)")
     p.add_argument("dst", help="output folder (must not exist unless --force)")
-    p.add_argument("--encode-lm-head", action="store_true", help="also store lm_head in the bitmap format")
+    p.add_argument("--encode-lm-head", action="store_true", help="also store lm_head in the bitmap format (with --values int8/int4: "
+                   "quantized too, and held and multiplied in that form on the CPU)")
     p.add_argument("--encode-embeddings", action="store_true", help="also store the embeddings in the bitmap format")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="cast weights (default: keep)")
     p.add_argument("--values", choices=["bf16", "fp16", "int8", "int4"],

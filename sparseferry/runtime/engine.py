@@ -10,6 +10,7 @@ batching and the KV cache are exactly transformers'.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import resource
 import time
 import types
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import SparseferryError
-from ..format import BitmapTensor
+from ..format import QUANT_FORMATS, BitmapTensor
 from ..hf import config_from_dict, model_info
 from ..store import Checkpoint, CheckpointError, open_checkpoint
 from .budget import format_bytes, parse_budget
@@ -95,11 +96,41 @@ def _head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     per sequence: B x 125 MiB for a 32000 x 2048 bf16 head, beyond any budget. As [B*k, H] rows
     (a copy of B*k rows) it is one GEMM reading the weight in place; same result. On the CPU, a few
     rows go through the native dense matvec (`kernels.dense_matmul`)."""
-    from ..kernels import dense_matmul
+    from ..kernels import MATVEC_MAX_BATCH, dense_matmul, sparse_matmul
 
     rows = x.reshape(-1, x.shape[-1])
-    y = dense_matmul(rows, self.weight, self.bias)  # torch's linear off the CPU or beyond a few rows
+    bt = self.__dict__.get("_sf_head")
+    if bt is not None:  # held compressed (an int8 / int4 head): the fused kernel, a few rows at a time
+        n = max(rows.shape[0], 1)
+        parts = [sparse_matmul(rows[i : i + MATVEC_MAX_BATCH], bt, self.bias) for i in range(0, n, MATVEC_MAX_BATCH)]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
+    else:
+        y = dense_matmul(rows, self.weight, self.bias)  # torch's linear off the CPU or beyond a few rows
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _compressed_head_name(model: nn.Module, ckpt: Checkpoint, info, dev: torch.device, resident_form: str) -> str | None:
+    """The name of the output head's weight if `load` holds it in its stored form: on the CPU with the
+    fused kernel, when the checkpoint stores it with quantized values (`convert --encode-lm-head
+    --values int8|int4`: 9 or 5 bits a weight against 16, as llama.cpp's Q8_0 / Q4_0 files hold
+    their output matrix) and layers stay compressed. Its multiply then reads those bytes, not a
+    dense bf16 copy. A bitmap head of float values (17 bits a weight when unpruned) is decoded."""
+    head = model.get_output_embeddings()
+    if dev.type != "cpu" or resident_form != "compressed" or type(head) is not nn.Linear:
+        return None
+    for name in info.top_linear_weights:
+        e = ckpt.tensors.get(name)
+        mod_name = name.rpartition(".")[0]
+        if (e is not None and e.encoding != "dense" and e.values in QUANT_FORMATS and name.endswith(".weight")
+                and model.get_submodule(mod_name) is head):
+            return name
+    return None
+
+
+def _owned(bt: BitmapTensor) -> BitmapTensor:
+    """bt with every part copied out of the file mapping (the checkpoint's mappings are dropped)."""
+    return dataclasses.replace(bt, **{f.name: getattr(bt, f.name).clone() for f in dataclasses.fields(bt)
+                                      if isinstance(getattr(bt, f.name), torch.Tensor)})
 
 
 def _peak_rss_bytes() -> int:
@@ -474,15 +505,22 @@ def load(path, device="cpu", memory_budget=None, storage: str = "disk", *, direc
     if experts is not None and not experts.moe_layers:
         experts = None  # no fused-experts module: MoE layers stream whole
     per_expert = experts.per_expert if experts else frozenset()
+    head_bitmap = _compressed_head_name(model, ckpt, info, dev, resident_form)
     plan = make_plan(ckpt, budget, storage=storage, nslots=nslots, nreadbufs=nreadbufs, slots=use_slots,
                      exclude=frozenset([lazy_emb] if lazy_emb else []), prefer_dense=resident_form == "dense",
+                     compressed=frozenset([head_bitmap] if head_bitmap else []),
                      pinned=experts.pinned if experts else frozenset(), per_expert=per_expert)
     if experts is not None and not plan.streamed:  # everything dense: transformers' own experts forward
         experts = None
 
     # 1. non-layer weights and dense-resident layers: decoded once, on the device
     for name in ckpt.non_layer_tensors():
-        if name != lazy_emb:
+        if name == head_bitmap:  # the fused kernel multiplies from the stored form (_head_forward)
+            head = model.get_output_embeddings()
+            head._sf_head = _owned(ckpt.stored(name, verify=verify))
+            e = ckpt.tensors[name]
+            _set_param(model, name, placeholders.held_compressed(e.shape, e.dtype, dev, name, ckpt.path))
+        elif name != lazy_emb:
             _set_param(model, name, ckpt.load(name, verify=verify).to(dev))
     if lazy_emb:
         embed_on_demand(model.get_input_embeddings(), RowReader(ckpt, lazy_emb, verify=verify), dev)

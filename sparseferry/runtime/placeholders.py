@@ -56,8 +56,8 @@ class StreamedWeight(torch.Tensor):
         if name in _META_OK:
             return super().__torch_function__(func, types, args, kwargs or {})
         me = next((a for a in args if isinstance(a, StreamedWeight)), None)
-        raise StreamedWeightError(f"{getattr(me, '_sf_name', 'a weight')}: {name or func!s} needs its values, but "
-                                  f"{_hint(getattr(me, '_sf_path', '?'))}")
+        why = getattr(me, "_sf_why", None) or _hint(getattr(me, "_sf_path", "?"))
+        raise StreamedWeightError(f"{getattr(me, '_sf_name', 'a weight')}: {name or func!s} needs its values, but {why}")
 
 
 def install(engine) -> None:
@@ -84,13 +84,26 @@ def install(engine) -> None:
     if rows is not None:  # read by row from the file: the table is not in memory either
         emb._parameters["weight"] = _placeholder((rows.rows, rows.cols), rows.dtype, engine.device, rows.name, ckpt.path)
         emb.register_state_dict_pre_hook(_refuse_state_dict(engine, "the input embeddings are read by row"))
-    if engine.plan.streamed or rows is not None:
+    head = model.get_output_embeddings()
+    held_head = head is not None and head.__dict__.get("_sf_head") is not None
+    if held_head:
+        head.register_state_dict_pre_hook(_refuse_state_dict(engine, "the output head is held in its stored "
+                                                                     "(quantized) form"))
+    if engine.plan.streamed or rows is not None or held_head:
         model.save_pretrained = _refuse_save(engine)
 
 
 def _placeholder(shape, dtype, device, name: str, path) -> nn.Parameter:
     ph = nn.Parameter(StreamedWeight.make(tuple(shape), dtype, device, name, path), requires_grad=False)
     ph._sf_name, ph._sf_path = name, str(path)
+    return ph
+
+
+def held_compressed(shape, dtype, device, name: str, path) -> nn.Parameter:
+    """The placeholder of a weight `load` holds in its stored form (the quantized output head)."""
+    ph = _placeholder(shape, dtype, device, name, path)
+    ph._sf_why = (f"it is held in its stored form (quantized values) and multiplied from it; read it "
+                                    f"with sparseferry.open_checkpoint({str(path)!r}).load({name!r})")
     return ph
 
 
@@ -126,4 +139,5 @@ def refuse_when_closed(engine):
     return hook
 
 
-__all__ = ["ModelClosedError", "StreamedWeight", "StreamedWeightError", "install", "refuse_when_closed", "restore"]
+__all__ = ["ModelClosedError", "StreamedWeight", "StreamedWeightError", "held_compressed", "install", "refuse_when_closed",
+           "restore"]

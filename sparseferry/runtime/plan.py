@@ -106,7 +106,8 @@ def layer_sizes(ckpt: Checkpoint, per_expert: frozenset[int] = frozenset()) -> t
 
 def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslots: int = 2, nreadbufs: int = 2,
               slots: bool = False, exclude: frozenset[str] = frozenset(), prefer_dense: bool = True,
-              pinned: frozenset[str] = frozenset(), per_expert: frozenset[int] = frozenset()) -> Plan:
+              pinned: frozenset[str] = frozenset(), per_expert: frozenset[int] = frozenset(),
+              compressed: frozenset[str] = frozenset()) -> Plan:
     """Fill the budget (bytes) as described in the module docstring; BudgetError if it cannot work.
 
     With `slots` (CUDA) a streamed layer is decompressed whole into one of `nslots` dense slots (on
@@ -115,6 +116,7 @@ def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslot
     a scratch buffer the size of the largest matrix for large batches.
 
     `exclude`: non-layer tensors that are not held in memory (embeddings read by row on demand).
+    `compressed`: non-layer tensors held in their stored form (a quantized output head), counted so.
     `prefer_dense`: upgrade resident layers to dense when the budget allows. Off on a CPU with the
     fused kernel, where a compressed layer is both smaller and faster to multiply at decode time.
 
@@ -134,7 +136,8 @@ def make_plan(ckpt: Checkpoint, budget: int | None, storage: str = "disk", nslot
     cpu = not slots
     cands = ((0, 1), (0, 2), (0, nreadbufs)) if cpu else ((1, 1), (2, 1), (2, 2), (nslots, nreadbufs))
     depths = sorted({(min(k, nslots) if not cpu else 0, max(min(r, nreadbufs), 1)) for k, r in cands})
-    kw = dict(cpu=cpu, exclude=exclude, prefer_dense=prefer_dense, pinned=pinned, per_expert=per_expert)
+    kw = dict(cpu=cpu, exclude=exclude, prefer_dense=prefer_dense, pinned=pinned, per_expert=per_expert,
+              compressed=compressed)
     base = _plan(ckpt, budget, storage, *depths[0], **kw)  # raises BudgetError stating the true minimum
     best = base
     resident = lambda p: sum(t in RESIDENT for t in p.tiers)  # noqa: E731
@@ -180,10 +183,12 @@ def scratch_bytes(ckpt: Checkpoint) -> int:
 
 
 def _plan(ckpt: Checkpoint, budget: int | None, storage: str, nslots: int, nreadbufs: int, cpu: bool,
-          exclude: frozenset[str], prefer_dense: bool, pinned: frozenset[str], per_expert: frozenset[int]) -> Plan:
+          exclude: frozenset[str], prefer_dense: bool, pinned: frozenset[str], per_expert: frozenset[int],
+          compressed: frozenset[str] = frozenset()) -> Plan:
     n = ckpt.num_layers
     dense, stored, readbuf = layer_sizes(ckpt, per_expert)
-    fixed = ckpt.dense_bytes([t for t in ckpt.non_layer_tensors() if t not in exclude])
+    held = [t for t in ckpt.non_layer_tensors() if t not in exclude]
+    fixed = ckpt.dense_bytes([t for t in held if t not in compressed]) + ckpt.stored_bytes([t for t in held if t in compressed])
     moe = bool(per_expert)
     if moe:
         from .expert_cache import expert_slot_bytes

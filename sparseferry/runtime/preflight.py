@@ -16,7 +16,7 @@ from .plan import Plan, make_plan
 
 def plan_for(checkpoint, memory_budget, *, storage: str = "disk", device: str = "cpu") -> Plan:
     """The tier plan `sparseferry.load(checkpoint, device, memory_budget, storage)` would use (BudgetError if none fits)."""
-    from .engine import _fused_kernel_available, _on_demand_embedding
+    from .engine import _compressed_head_name, _fused_kernel_available, _on_demand_embedding
 
     ckpt = open_checkpoint(checkpoint)
     model = build_meta_model(config_from_dict(ckpt.config))
@@ -25,8 +25,9 @@ def plan_for(checkpoint, memory_budget, *, storage: str = "disk", device: str = 
     lazy_emb = _on_demand_embedding(model, info, ckpt) if budget is not None else None
     slots = torch.device(device).type == "cuda"
     dense = slots or not _fused_kernel_available()
+    head = _compressed_head_name(model, ckpt, info, torch.device(device), "dense" if dense else "compressed")
     return make_plan(ckpt, budget, storage=storage, slots=slots, exclude=frozenset([lazy_emb] if lazy_emb else []),
-                     prefer_dense=dense)
+                     prefer_dense=dense, compressed=frozenset([head] if head else []))
 
 
 __all__ = ["plan_for"]
