@@ -30,6 +30,7 @@ import types
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -177,6 +178,14 @@ def _linear(mod: nn.Linear, x: torch.Tensor, path: str, threads: int) -> torch.T
 def _attend(at: nn.Module, q, keys, values, mask, akw) -> torch.Tensor:
     """The model's attention (torch's SDPA: `attention.sparseferry_sdpa` packs the grouped query heads
     of a single-token step) of q [b, t, hq, d] against the cache's keys / values: [b, t, hq, d]."""
+    b, t, hq, d = q.shape
+    hkv = keys.shape[1]
+    if (t == 1 and hq % hkv == 0 and keys.shape[-1] == d and values.shape[-1] == d
+            and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-1] == keys.shape[2]))):
+        # what sparseferry_sdpa does for a single-token query, without the interface around it
+        out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), keys, values, attn_mask=mask,
+                                             scale=at.scaling)
+        return out.reshape(b, 1, hq, d)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     fn = ALL_ATTENTION_FUNCTIONS[at.config._attn_implementation]
