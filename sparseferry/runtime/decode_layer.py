@@ -106,6 +106,7 @@ def _inputs(layer, args, kwargs):
     pe = kwargs.get("position_embeddings")
     if (not isinstance(h, torch.Tensor) or h.dtype != torch.bfloat16 or h.device.type != "cpu" or h.dim() != 3
             or not 0 < h.shape[0] * h.shape[1] <= kernels.MATVEC_MAX_BATCH or not h.is_contiguous()
+            or (h.requires_grad and torch.is_grad_enabled())  # the native pieces have no backward
             or cache is None or not hasattr(cache, "update") or not isinstance(pe, tuple | list) or len(pe) != 2):
         return None
     cos, sin = pe
