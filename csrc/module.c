@@ -51,7 +51,7 @@ static PyObject *py_decompress(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(bad);
 }
 
-/* matvec(path, dtype, rows, cols, values, nnz, bitmask, row_offsets, x, x_dtype, batch, y, threads) -> bad_row */
+/* matvec(path, dtype, rows, cols, values, nnz, bitmask, row_offsets, x, x_dtype, batch, y, threads[, out, bias]) -> bad_row */
 /* The path and the W / x dtype codes of a matvec call (0 with the Python error set). */
 static int check_matvec_args(int path, int dtype, int x_dtype) {
     if (!check_path(path)) return 0;
@@ -60,13 +60,20 @@ static int check_matvec_args(int path, int dtype, int x_dtype) {
     return 1;
 }
 
+/* The optional last two arguments of the matvecs: a bf16 [batch, rows] out that also receives y rounded
+ * (+ a bf16 bias [rows], or 0): the decode step's products without a second call. */
+static void round_out(unsigned long long y, long long batch, long long rows, unsigned long long bias,
+                      unsigned long long out) {
+    sf_round_bf16((const float *)(uintptr_t)y, batch, rows, (const uint16_t *)(uintptr_t)bias, (uint16_t *)(uintptr_t)out);
+}
+
 static PyObject *py_matvec(PyObject *self, PyObject *args) {
     (void)self;
     int path, dtype, x_dtype, threads;
     long long rows, cols, nnz, batch;
-    unsigned long long values, bitmask, row_offsets, x, y;
-    if (!PyArg_ParseTuple(args, "iiLLKLKKKiLKi", &path, &dtype, &rows, &cols, &values, &nnz, &bitmask, &row_offsets,
-                          &x, &x_dtype, &batch, &y, &threads))
+    unsigned long long values, bitmask, row_offsets, x, y, out16 = 0, bias16 = 0;
+    if (!PyArg_ParseTuple(args, "iiLLKLKKKiLKi|KK", &path, &dtype, &rows, &cols, &values, &nnz, &bitmask, &row_offsets,
+                          &x, &x_dtype, &batch, &y, &threads, &out16, &bias16))
         return NULL;
     if (!check_matvec_args(path, dtype, x_dtype)) return NULL;
     int64_t bad;
@@ -74,6 +81,7 @@ static PyObject *py_matvec(PyObject *self, PyObject *args) {
     bad = sf_matvec(path, dtype, rows, cols, (const void *)(uintptr_t)values, nnz, (const uint8_t *)(uintptr_t)bitmask,
                     (const int64_t *)(uintptr_t)row_offsets, (const void *)(uintptr_t)x, x_dtype, batch,
                     (float *)(uintptr_t)y, threads < 1 ? 1 : threads);
+    if (bad == -1 && out16) round_out(y, batch, rows, bias16, out16);
     Py_END_ALLOW_THREADS
     if (bad == -2) return PyErr_NoMemory();
     return PyLong_FromLongLong(bad);
@@ -148,10 +156,10 @@ static PyObject *py_decompress_q(PyObject *self, PyObject *args) {
 static PyObject *matvec_q_any(PyObject *args, int int8_x) {
     int path, qbits, out_dtype, x_dtype, threads;
     long long rows, cols, nnz, group_size, nscales, batch;
-    unsigned long long codes, scales, zeros, group_offsets, bitmask, row_offsets, x, y;
-    if (!PyArg_ParseTuple(args, "iiiLLLKKKKLLKKKiLKi", &path, &qbits, &out_dtype, &rows, &cols, &nnz, &codes, &scales,
+    unsigned long long codes, scales, zeros, group_offsets, bitmask, row_offsets, x, y, out16 = 0, bias16 = 0;
+    if (!PyArg_ParseTuple(args, "iiiLLLKKKKLLKKKiLKi|KK", &path, &qbits, &out_dtype, &rows, &cols, &nnz, &codes, &scales,
                           &zeros, &group_offsets, &group_size, &nscales, &bitmask, &row_offsets, &x, &x_dtype, &batch,
-                          &y, &threads))
+                          &y, &threads, &out16, &bias16))
         return NULL;
     if (!check_path(path)) return NULL;
     if (out_dtype < SF_F32 || out_dtype > SF_F16) return PyErr_Format(PyExc_ValueError, "dtype code %d unknown", out_dtype);
@@ -167,6 +175,7 @@ static PyObject *matvec_q_any(PyObject *args, int int8_x) {
         bad = sf_matvec_q(path, &q, out_dtype, rows, cols, nnz, (const uint8_t *)(uintptr_t)bitmask,
                           (const int64_t *)(uintptr_t)row_offsets, (const void *)(uintptr_t)x, x_dtype, batch,
                           (float *)(uintptr_t)y, threads < 1 ? 1 : threads);
+    if (bad == -1 && out16) round_out(y, batch, rows, bias16, out16);
     Py_END_ALLOW_THREADS
     if (bad == -2) return PyErr_NoMemory();
     return PyLong_FromLongLong(bad);

@@ -56,6 +56,24 @@ def test_add_and_round_are_torchs_bit_for_bit():
     assert torch.equal(native.round_bf16(y, bias), (y + bias.float()).to(torch.bfloat16))
 
 
+def test_a_product_rounded_by_the_same_call_is_the_product_rounded():
+    from sparseferry.format import encode
+
+    w = bf16(96, 160, seed=8)
+    w[torch.rand(96, 160, generator=torch.Generator().manual_seed(9)) < 0.5] = 0
+    bt, x, bias = encode(w), bf16(3, 160, seed=10), bf16(96, seed=11)
+    path = native.available_paths()[0]
+    prep = native.prepare_matvec(bt, path=path)
+    y = native.matvec_prepared(prep, x, threads=2)
+    assert torch.equal(native.matvec_prepared(prep, x, threads=2, bf16_out=True), y.to(torch.bfloat16))
+    got = native.matvec_prepared(prep, x, threads=2, bf16_out=True, bias=bias)
+    assert torch.equal(got, (y + bias.float()).to(torch.bfloat16))
+    with pytest.raises(native.KernelError, match="bias"):
+        native.matvec_prepared(prep, x, threads=2, bf16_out=True, bias=bias.float())
+    with pytest.raises(native.KernelError, match="expected \\[batch, 160\\]"):
+        native.matvec_prepared(prep, x[:, :100], threads=2)
+
+
 def test_the_pieces_refuse_inputs_they_cannot_read():
     q, cs = bf16(1, 2, 4, 8), bf16(1, 2, 8)
     for x, c in [(q.float(), cs), (q, cs.float()), (q, bf16(1, 3, 8)), (q, bf16(2, 2, 8)),

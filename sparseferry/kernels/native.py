@@ -154,18 +154,28 @@ def prepare_matvec(bt: BitmapTensor, *, path: str, int8_x: bool = False) -> tupl
     return (0, rows, cols, head, bt)
 
 
-def matvec_prepared(prep: tuple, x: torch.Tensor, *, threads: int) -> torch.Tensor:
-    """`matvec` of the matrix `prepare_matvec` checked: x [batch, cols] -> fp32 [batch, rows]."""
+def matvec_prepared(prep: tuple, x: torch.Tensor, *, threads: int, bf16_out: bool = False,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`matvec` of the matrix `prepare_matvec` checked: x [batch, cols] -> fp32 [batch, rows].
+
+    bf16_out: return y (+ bias, a bf16 [rows]) rounded to bf16 instead, as `(y + bias.float()).to(bf16)`,
+    rounded by the same call (the decode step's products)."""
     kind, rows, cols, head, bt = prep
     if x.dim() != 2 or x.shape[1] != cols or x.device.type != "cpu":
         raise KernelError(f"matvec: x is {list(x.shape)} on {x.device}, expected [batch, {cols}] on the CPU")
+    if bias is not None and (not bf16_out or bias.dtype != torch.bfloat16 or bias.device.type != "cpu"
+                             or not bias.is_contiguous() or tuple(bias.shape) != (rows,)):
+        raise KernelError(f"matvec: bias {bias.dtype} {list(bias.shape)}, expected contiguous bf16 [{rows}] (bf16_out)")
     # [batch, cols] contiguous, bf16 or fp32: bf16 x meets bf16 W in one dot instruction (AVX512_BF16)
     x = (x if x.dtype == torch.bfloat16 else x.to(torch.float32)).contiguous()
     batch = x.shape[0]
     y = torch.empty(batch, rows, dtype=torch.float32)
+    out = torch.empty(batch, rows, dtype=torch.bfloat16) if bf16_out else y
     if not (batch and rows):
-        return y
+        return out.zero_()
     args = (*head, x.data_ptr(), _DTYPE_CODES[x.dtype], batch, y.data_ptr(), threads)
+    if bf16_out:
+        args += (out.data_ptr(), 0 if bias is None else bias.data_ptr())
     if kind == 0:
         bad = _native.matvec(*args)
     else:
@@ -174,7 +184,7 @@ def matvec_prepared(prep: tuple, x: torch.Tensor, *, threads: int) -> torch.Tens
             bad = _native.matvec_q(*args)
     if bad >= 0:
         _raise_bad_row(bt, bad)
-    return y
+    return out
 
 
 def matvec_dense(x: torch.Tensor, w: torch.Tensor, *, path: str, threads: int) -> torch.Tensor:

@@ -169,11 +169,10 @@ def _linear(mod: nn.Linear, x: torch.Tensor, path: str, threads: int) -> torch.T
         # a weak reference: a streamed bitmap is not kept alive past its layer's forward
         prep = (weakref.ref(bt), (path, int8_x), native.prepare_matvec(bt, path=path, int8_x=int8_x))
         mod._sf_prepared = prep
-    y = native.matvec_prepared(prep[2], x, threads=threads)
     bias = mod.bias
     if bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous() and bias.device.type == "cpu"):
-        return native.round_bf16(y, bias)
-    return (y + bias.float()).to(x.dtype)
+        return native.matvec_prepared(prep[2], x, threads=threads, bf16_out=True, bias=bias)
+    return (native.matvec_prepared(prep[2], x, threads=threads) + bias.float()).to(x.dtype)
 
 
 def _attend(at: nn.Module, q, keys, values, mask, akw) -> torch.Tensor:
