@@ -317,3 +317,24 @@ def test_other_moe_families_at_the_minimum_budget(model_type, tmp_path):
         torch.testing.assert_close(sm(ids).logits, ref, rtol=1e-5, atol=1e-5)
     assert sm.sparseferry.experts.cache.stats.missed > 0
     sm.sparseferry.close()
+
+
+def test_an_experts_module_whose_class_overrides_the_decorated_forward_is_not_replaced():
+    """A subclass of a fused-experts class with its own forward (Ergo's per-route norms) computes more
+    than the experts backend: its layer streams whole instead of through `experts_forward`."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from sparseferry.runtime.experts import is_experts_module
+
+    class MoreThanExperts(MixtralExperts):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
+
+    class SameForward(MixtralExperts):
+        pass
+
+    cfg = MixtralConfig(hidden_size=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+    assert is_experts_module(MixtralExperts(cfg)) and is_experts_module(SameForward(cfg))
+    assert not is_experts_module(MoreThanExperts(cfg))
+    assert not is_experts_module(torch.nn.Linear(2, 2))

@@ -32,9 +32,15 @@ from .expert_cache import ExpertCache
 
 
 def is_experts_module(mod: nn.Module) -> bool:
-    """A transformers fused-experts module (class decorated with `use_experts_implementation`)."""
-    return all(hasattr(mod, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts")) \
-        and hasattr(type(mod), "_apply_gate")
+    """A transformers fused-experts module (class decorated with `use_experts_implementation`) whose
+    forward is the decorated one: a subclass that overrides it computes more around the experts
+    (Ergo's repeats each route and normalizes it per expert), so its layer streams whole."""
+    if not (all(hasattr(mod, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts"))
+            and hasattr(type(mod), "_apply_gate")):
+        return False
+    mro = type(mod).__mro__
+    decorated = next((i for i, k in enumerate(mro) if "_apply_gate" in k.__dict__), len(mro))
+    return not any("forward" in k.__dict__ for k in mro[:decorated])
 
 
 def find_experts(ckpt: Checkpoint, layer: nn.Module, i: int) -> dict[str, dict[str, str]] | None:
