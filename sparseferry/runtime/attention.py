@@ -32,13 +32,21 @@ def sparseferry_sdpa(module, query, key, value, attention_mask, dropout: float =
     if not packable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    return packed_step(query.transpose(1, 2), key, value, attention_mask, scaling), None
+
+
+def packed_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                scaling: float | None) -> torch.Tensor:
+    """SDPA of a single-token query q [b, 1, h, d] against key / value [b, kvh, s, d] with the query
+    heads of each key/value head packed as rows; mask None or [b, 1 or h, 1, s]. Returns [b, 1, h, d]."""
+    b, _, h, d = q.shape
     kvh = key.shape[1]
-    q = query.reshape(b, kvh, groups, d)  # head i attends with key/value head i // groups (repeat_kv's order)
-    mask = attention_mask
+    groups = h // kvh
+    q = q.reshape(b, kvh, groups, d)  # head i attends with key/value head i // groups (repeat_kv's order)
     if mask is not None and mask.shape[1] == h:
         mask = mask.reshape(b, kvh, groups, mask.shape[-1])
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)  # [b, kvh, groups, d]
-    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+    return out.reshape(b, 1, h, d)
 
 
 def register() -> str:

@@ -30,7 +30,6 @@ import types
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -44,10 +43,6 @@ _LAYER_KWARGS = frozenset({"hidden_states", "attention_mask", "position_ids", "c
 AGREE_REL = 2.0**-7  # |fast - own| / |own| (L2) at the first step, a few bf16 steps in a few elements
 
 
-def _linear_ok(mod) -> bool:
-    return type(mod) is nn.Linear
-
-
 def patchable(layer: nn.Module) -> bool:
     """A decoder layer whose forward this module computes: one of CLASSES, with its usual parts."""
     if type(layer).__name__ not in CLASSES or "forward" in layer.__dict__:
@@ -58,7 +53,7 @@ def patchable(layer: nn.Module) -> bool:
     parts = [getattr(at, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     parts += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     head_dim = getattr(at, "head_dim", None)
-    return (all(_linear_ok(p) for p in parts) and isinstance(head_dim, int) and 0 < head_dim <= 512 and head_dim % 2 == 0
+    return (all(type(p) is nn.Linear for p in parts) and isinstance(head_dim, int) and 0 < head_dim <= 512 and head_dim % 2 == 0
             and isinstance(getattr(mlp, "act_fn", None), nn.SiLU | _silu_activation())
             and isinstance(getattr(at, "scaling", None), float) and isinstance(getattr(at, "layer_idx", None), int)
             and (getattr(at, "q_norm", None) is None) == (getattr(at, "k_norm", None) is None))
@@ -126,7 +121,8 @@ def _inputs(layer, args, kwargs):
 
 def _forward(self: nn.Module, *args, **kwargs):
     inp = _inputs(self, args, kwargs)
-    if inp is None or kernel_path("cpu") not in native.PATHS:
+    path = kernel_path("cpu") if inp is not None else None
+    if path not in native.PATHS:
         return self._sf_layer_forward(*args, **kwargs)
     h, mask, cache, cos, sin, akw = inp
     idx = self.self_attn.layer_idx
@@ -141,14 +137,14 @@ def _forward(self: nn.Module, *args, **kwargs):
                 return k, v
             return torch.cat([cl.keys, k], dim=-2), torch.cat([cl.values, v], dim=-2)
 
-        got = step(self, h, mask, cos, sin, peek, akw)
+        got = step(self, h, mask, cos, sin, peek, akw, path)
         want = self._sf_layer_forward(*args, **kwargs)
         if not agree(got, want):
             del self.forward  # computes something else: its own forward from now on
         else:
             self._sf_layer_checked = True
         return want
-    return step(self, h, mask, cos, sin, lambda k, v: cache.update(k, v, idx, kwargs=akw), akw)
+    return step(self, h, mask, cos, sin, lambda k, v: cache.update(k, v, idx, kwargs=akw), akw, path)
 
 
 def _norm(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -179,13 +175,9 @@ def _attend(at: nn.Module, q, keys, values, mask, akw) -> torch.Tensor:
     """The model's attention (torch's SDPA: `attention.sparseferry_sdpa` packs the grouped query heads
     of a single-token step) of q [b, t, hq, d] against the cache's keys / values: [b, t, hq, d]."""
     b, t, hq, d = q.shape
-    hkv = keys.shape[1]
-    if (t == 1 and hq % hkv == 0 and keys.shape[-1] == d and values.shape[-1] == d
+    if (t == 1 and hq % keys.shape[1] == 0 and keys.shape[-1] == d and values.shape[-1] == d
             and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-1] == keys.shape[2]))):
-        # what sparseferry_sdpa does for a single-token query, without the interface around it
-        out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), keys, values, attn_mask=mask,
-                                             scale=at.scaling)
-        return out.reshape(b, 1, hq, d)
+        return attention.packed_step(q, keys, values, mask, at.scaling)  # sparseferry_sdpa's, without the interface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     fn = ALL_ATTENTION_FUNCTIONS[at.config._attn_implementation]
@@ -194,13 +186,14 @@ def _attend(at: nn.Module, q, keys, values, mask, akw) -> torch.Tensor:
     return out
 
 
-def step(layer: nn.Module, h: torch.Tensor, mask, cos, sin, kv, akw) -> torch.Tensor:
-    """The layer's forward on h [b, t, hidden] (bf16, b * t <= MATVEC_MAX_BATCH); kv(k, v) takes the new
-    keys / values [b, hkv, t, d] and returns the whole sequence's (the cache's update)."""
+def step(layer: nn.Module, h: torch.Tensor, mask, cos, sin, kv, akw, path: str) -> torch.Tensor:
+    """The layer's forward on h [b, t, hidden] (bf16, b * t <= MATVEC_MAX_BATCH) with the native kernel
+    path `path`; kv(k, v) takes the new keys / values [b, hkv, t, d] and returns the whole sequence's
+    (the cache's update)."""
     at, mlp = layer.self_attn, layer.mlp
     b, t, hidden = h.shape
     n, hd = b * t, at.head_dim
-    path, threads = kernel_path("cpu"), torch.get_num_threads()
+    threads = torch.get_num_threads()
     x = _norm(layer.input_layernorm, h).view(n, hidden)
     q = _linear(at.q_proj, x, path, threads).view(b, t, -1, hd)
     k = _linear(at.k_proj, x, path, threads).view(b, t, -1, hd)
