@@ -132,6 +132,12 @@ def greedy(m, ids, n=6, mask=None):
     return torch.stack(steps, 1)
 
 
+def transformers_cache(m):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=m.config)
+
+
 def own_forward(m):
     for layer in m.model.layers:
         layer.__dict__.pop("forward", None)
@@ -222,6 +228,11 @@ def test_calls_it_does_not_cover_run_the_layers_own_forward(tmp_path):
         assert decode_layer._inputs(layer, (h.float(),), {}) is None
         assert decode_layer._inputs(layer, (h,), {"output_attentions": True}) is None
         assert decode_layer._inputs(layer, (bf16(1, 64, 64),), {}) is None  # a prefill beyond the fused batch
+        cos = bf16(1, 1, layer.self_attn.head_dim)
+        covered = {"cache": transformers_cache(m), "position_embeddings": (cos, cos)}
+        assert decode_layer._inputs(layer, (h,), covered) is not None
+        with torch.enable_grad():  # the native pieces have no backward
+            assert decode_layer._inputs(layer, (h.clone().requires_grad_(),), covered) is None
     finally:
         m.sparseferry.close()
     assert not decode_layer.patchable(torch.nn.Linear(2, 2))

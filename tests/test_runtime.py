@@ -395,3 +395,21 @@ def test_the_allowance_counts_one_wide_matmul_in_fp32():
     act = allowance(cfg, batch=2, prompt_tokens=50, new_tokens=1)["activations"]
     bf16_only = 2 * 50 * (6 * 64 + 3 * 64 + 3 * 256) * 2 + 2 * 4 * 50 * 50 * 4
     assert act == bf16_only + 2 * 50 * 2 * 256 * 4 + (4 << 20)
+
+
+def test_with_every_layer_resident_the_cpu_pipeline_runs_no_threads(tmp_path):
+    """Compressed resident layers need nothing read ahead: acquire hands out their views, no thread
+    wakes at each layer; with layers on disk the reader and decompressor run as before."""
+    folder, model = make_checkpoint("llama", tmp_path)
+    ids = torch.randint(0, 250, (1, 6), generator=torch.Generator().manual_seed(0))
+    want = oracle_logits(model, ids)
+    for budget, direct in ((None, True), (budgets(folder)["mixed"], False)):
+        m = sparseferry.load(folder, memory_budget=budget, storage="disk")
+        try:
+            p = m.sparseferry.pipeline
+            got = oracle_logits(m, ids)
+            assert p.direct is direct and bool(p.threads) is not direct
+            assert p.stats.uses == len(m.sparseferry.plan.streamed)
+            assert (got.float() - want.float()).abs().max() <= 3e-2 * want.float().abs().max()
+        finally:
+            m.sparseferry.close()
