@@ -252,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--values", choices=["bf16", "fp16", "int8", "int4"],
                    help="non-zero values of the bitmap-encoded matrices: cast, or quantized (int8 symmetric, "
                         "int4 asymmetric; default: as they are)")
-    p.add_argument("--group-size", type=int, default=128, metavar="G",
-                   help="int8/int4: non-zeros per scale along a row, 0 = one scale per row (default 128)")
+    p.add_argument("--group-size", type=int, default=None, metavar="G",
+                   help="int8/int4: non-zeros per scale along a row, 0 = one scale per row "
+                        "(default 512 for int8, 128 for int4)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists (only once the new one is complete)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)

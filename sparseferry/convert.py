@@ -17,6 +17,7 @@ from .hf import ModelError, info_from_config_dict, read_config_dict
 from .hf_folder import HFWeights, SourceError, SourceWeights, sparse_bitmask_config  # noqa: F401 - re-exported
 from .runtime.hf_compat import check_local_path
 from .guard import check_source_file, prepare_output
+from .quant import default_group_size
 from .store import (
     EXTRA_FILE,
     CheckpointError,
@@ -39,7 +40,8 @@ ConvertError = SourceError
 
 
 def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool = False, dtype: str | None = None,
-            values: str | None = None, group_size: int = 128, force: bool = False, progress: bool = True) -> dict:
+            values: str | None = None, group_size: int | None = None, force: bool = False,
+            progress: bool = True) -> dict:
     """Convert a HuggingFace folder `src` into a sparseferry checkpoint at `dst`.
 
     Args:
@@ -48,7 +50,8 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
         values: the non-zero values of the bitmap-encoded matrices: "bf16" / "fp16" (cast; only those
             matrices, --dtype casts everything) or "int8" / "int4" (quantized, docs/FORMAT.md 1b; they
             dequantize to the matrix's dtype). Default: as they are.
-        group_size: non-zeros per quantization group along a row (int8/int4); 0 = one scale per row.
+        group_size: non-zeros per quantization group along a row (int8/int4); 0 = one scale per row;
+            None = the format's default (512 for int8, 128 for int4: `quant.default_group_size`).
         force: replace an existing `dst` (only once the new checkpoint is complete).
     Returns:
         statistics: tensors, dense_bytes, stored_bytes, seconds, GB/s (dense GB processed per second);
@@ -69,7 +72,9 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
         cast = VALUE_DTYPES[dtype]
     if values is not None and values not in VALUE_FORMATS:
         raise ConvertError(f"unsupported --values {values!r} (choose from {', '.join(VALUE_FORMATS)})")
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
+    if group_size is None and values in ("int8", "int4"):
+        group_size = default_group_size(values)
+    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0):
         raise ConvertError(f"--group-size {group_size!r}: expected a non-negative integer (0 = one group per row)")
     quant = values if values in ("int8", "int4") else None
     value_cast = VALUE_FORMATS[values] if values is not None and quant is None else None

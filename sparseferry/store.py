@@ -111,12 +111,13 @@ class StoredTensor:
         return self.name if part == "dense" else f"{self.prefix}.{part}"
 
 
-def prepare(name: str, w: torch.Tensor, sparse: bool, *, values: str | None = None, group_size: int = 128) -> StoredTensor:
+def prepare(name: str, w: torch.Tensor, sparse: bool, *, values: str | None = None,
+            group_size: int | None = None) -> StoredTensor:
     """Choose the storage of a parameter: bitmap when asked for and it saves bytes, else dense.
 
     values: None (the matrix's own float values) or "int8" / "int4": the non-zero values of a
     bitmap-encoded matrix are quantized (`quant.quantize`, groups of `group_size` non-zeros of a row,
-    0 = per row), and its relative reconstruction error is recorded in the manifest.
+    0 = per row, None = the format's default), and its relative reconstruction error is recorded in the manifest.
     """
     w = w.detach()
     if sparse and w.dim() == 2 and w.dtype in _DTYPE_NAMES:
@@ -156,7 +157,7 @@ def experts_shape_ok(shape: tuple[int, ...], num_experts: int, sub: tuple[int, .
 
 
 def prepare_experts(name: str, w, sparse: bool, *, num_experts: int | None = None, values: str | None = None,
-                    group_size: int = 128) -> StoredTensor:
+                    group_size: int | None = None) -> StoredTensor:
     """An expert parameter stored as E ordinary tensors, one per expert (`prepare` on each slice).
 
     `w` is the parameter (split by `expert_slices` into `num_experts`, default its leading dim) or

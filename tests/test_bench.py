@@ -212,3 +212,17 @@ def test_systems_are_chosen_by_name_in_run_order():
     assert [s.name for s in select_systems("sparseferry-bitmap-int8,accelerate")] == ["accelerate", "sparseferry-bitmap-int8"]
     with pytest.raises(BenchError, match="unknown system nope"):
         select_systems(["accelerate", "nope"])
+
+
+def test_a_quantized_conversion_is_named_by_its_group_size_so_a_new_default_is_a_new_conversion(tmp_path):
+    from conftest import make_tiny_model
+
+    from sparseferry.bench.harness import converted
+    from sparseferry.store import open_checkpoint
+
+    src, _ = make_tiny_model("llama", tmp_path / "src", dtype=torch.bfloat16, layers=1)
+    dst = converted(src, tmp_path, {"values": "int8"}, progress=False)
+    assert dst.name == f"{src.name}-sf-group_size=512-values=int8"
+    assert {t.group_size for t in open_checkpoint(dst).tensors.values() if t.values} == {512}
+    assert converted(src, tmp_path, {"values": "int8", "group_size": 512}, progress=False) == dst
+    assert converted(src, tmp_path, {}, progress=False).name == f"{src.name}-sf"

@@ -26,6 +26,7 @@ from sparseferry.convert import ConvertError, convert
 from sparseferry.format import FormatError, QuantBitmapTensor, decode, encode
 from sparseferry.quant import (
     QuantError,
+    default_group_size,
     pack_int4,
     quantize,
     relative_error,
@@ -278,11 +279,22 @@ def llama_src(tmp_path_factory):
     return make_tiny_model("llama", tmp_path_factory.mktemp("quant"), dtype=torch.bfloat16, layers=2)
 
 
-@pytest.mark.parametrize("values,group_size", [("int8", 0), ("int8", 16), ("int4", 16), ("int4", 128)])
+def test_each_format_has_its_default_group_size():
+    """int8 keeps its quality with long groups (and its fused kernel splits fewer steps), int4 needs short ones."""
+    bt = encode(torch.randn(3, 2000))
+    assert quantize(bt, "int8").group_size == default_group_size("int8") == 512
+    assert quantize(bt, "int4").group_size == default_group_size("int4") == 128
+    assert quantize(bt, "int8", 0).group_size == 0
+
+
+@pytest.mark.parametrize("values,group_size", [("int8", 0), ("int8", 16), ("int4", 16), ("int4", 128),
+                                               ("int8", None), ("int4", None)])
 def test_convert_quantizes_every_encoded_matrix_and_records_its_error(llama_src, tmp_path, values, group_size):
     src, model = llama_src
     dst = tmp_path / "q"
     stats = convert(src, dst, values=values, group_size=group_size, progress=False)
+    if group_size is None:  # the format's default, recorded as such
+        group_size = default_group_size(values)
     ckpt = open_checkpoint(dst)
     ckpt.verify()
     manifest = json.loads((dst / MANIFEST).read_text())

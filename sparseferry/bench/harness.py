@@ -119,7 +119,10 @@ def synth_pair(workdir, *, arch: str, params, sparsity: float, seed: int, vocab:
 def converted(src: Path, workdir: Path, options: dict, progress: bool) -> Path:
     """`src` converted with `options` into `workdir`, once (convert commits atomically: a folder is complete)."""
     from ..convert import convert
+    from ..quant import QUANT_FORMATS, default_group_size
 
+    if options.get("values") in QUANT_FORMATS and options.get("group_size") is None:  # named, so a new default
+        options = {**options, "group_size": default_group_size(options["values"])}  # is a new conversion
     suffix = "".join(f"-{k}={v}" for k, v in sorted(options.items()))
     dst = Path(workdir) / f"{src.name}-sf{suffix}"
     if not dst.exists():
