@@ -59,8 +59,11 @@ SYSTEMS = (
     System("accelerate", "accelerate", "pruned", baseline=True),
     System("sparseferry-dense", "sparseferry", "unpruned"),
     System("sparseferry-bitmap", "sparseferry", "pruned"),
-    System("sparseferry-bitmap-int8", "sparseferry", "pruned", convert={"values": "int8"}, exact=False),
-    System("sparseferry-bitmap-int4", "sparseferry", "pruned", convert={"values": "int4"}, exact=False),
+    # The quantized rows quantize the output head too, as llama.cpp's Q8_0 / Q4_0 files do.
+    System("sparseferry-bitmap-int8", "sparseferry", "pruned", convert={"values": "int8", "encode_lm_head": True},
+           exact=False),
+    System("sparseferry-bitmap-int4", "sparseferry", "pruned", convert={"values": "int4", "encode_lm_head": True},
+           exact=False),
 )
 # Beyond the disk scenario's systems: the in-RAM baseline and llama.cpp's three encodings of the same weights.
 TRANSFORMERS = System("transformers", "transformers", "pruned", baseline=True)
