@@ -192,8 +192,11 @@ int sf_quant_row_ok(const sf_quant *q, int64_t r, int64_t start, int64_t n) {
     (void)start;
     int64_t gstart;
     memcpy(&gstart, q->group_offsets + r, 8);
-    int64_t ng = (n + q->group_size - 1) / q->group_size;
-    return gstart >= 0 && gstart <= q->nscales && ng <= q->nscales - gstart;
+    if (gstart < 0 || gstart > q->nscales || n < 0) return 0;
+    /* ceil(n / G) groups fit the avail scales left, without a division (once a row in every kernel):
+     * n <= avail * G, and where that product overflows it is far above any n */
+    int64_t avail = q->nscales - gstart, cap;
+    return avail >= n || __builtin_mul_overflow(avail, q->group_size, &cap) || n <= cap;
 }
 
 void sf_dequant_row(int path, const sf_quant *q, int64_t r, int64_t start, int64_t n, int out_dtype, void *dst) {
