@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 
 import httpx
 import openai
@@ -308,6 +310,13 @@ def test_api_key_and_overload(ckpt):
     from sparseferry.serve.app import create_app
 
     batcher = Batcher(model, sparseferry.load_tokenizer(ckpt[0]), max_batch=1, max_queue=1)
+    gate, forward = threading.Event(), batcher._forward
+
+    def held(*args, **kwargs):  # the running request holds the one batch slot until the test lets it go on
+        gate.wait(60)
+        return forward(*args, **kwargs)
+
+    batcher._forward = held
     batcher.start()
     try:
         with ServerThread(create_app(batcher, model_name="tiny", api_key="sekret")) as s:
@@ -321,17 +330,25 @@ def test_api_key_and_overload(ckpt):
             body = {"prompt": "long", "max_tokens": 1500, "stream": True, "temperature": 0}
             with httpx.Client(base_url=s.url, headers=auth, timeout=60) as h:
                 with h.stream("POST", "/v1/completions", json=body) as running:  # takes the one batch slot
-                    next(running.iter_lines())
+                    assert running.status_code == 200
+                    for _ in range(1000):
+                        if batcher.active:
+                            break
+                        time.sleep(0.01)
+                    assert len(batcher.active) == 1 and not batcher.queue
                     with h.stream("POST", "/v1/completions", json=body) as queued:  # waits in the one queue place
-                        assert queued.status_code == 200
+                        assert queued.status_code == 200 and len(batcher.queue) == 1
                         r = h.post("/v1/completions", json=body)
                         assert r.status_code == 429 and r.headers["retry-after"] == "1"
                         assert r.json()["error"]["code"] == "server_overloaded"
+                        gate.set()
+                        assert next(running.iter_lines()).startswith("data: ")  # the held request goes on
                 batcher.stop()  # a stopped engine: 503 with a retry hint
                 assert h.get("/health").status_code == 503
                 r = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
                 assert r.status_code == 503 and r.headers["retry-after"] == "1"
     finally:
+        gate.set()
         batcher.stop()
         model.sparseferry.close()
 
