@@ -72,11 +72,11 @@ def convert(src, dst, *, encode_lm_head: bool = False, encode_embeddings: bool =
         cast = VALUE_DTYPES[dtype]
     if values is not None and values not in VALUE_FORMATS:
         raise ConvertError(f"unsupported --values {values!r} (choose from {', '.join(VALUE_FORMATS)})")
-    if group_size is None and values in ("int8", "int4"):
-        group_size = default_group_size(values)
+    quant = values if values in ("int8", "int4") else None
+    if group_size is None and quant:
+        group_size = default_group_size(quant)
     if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0):
         raise ConvertError(f"--group-size {group_size!r}: expected a non-negative integer (0 = one group per row)")
-    quant = values if values in ("int8", "int4") else None
     value_cast = VALUE_FORMATS[values] if values is not None and quant is None else None
     _, meta_model, info = info_from_config_dict(cfg)
     source = HFWeights(src, meta_model, info, cfg)  # every parameter mapped to its source, nothing read yet

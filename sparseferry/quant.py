@@ -37,13 +37,13 @@ from .format import (
 # fewer group splits with them; int4 needs short ones.
 DEFAULT_GROUP_SIZES = {"int8": 512, "int4": 128}
 DEFAULT_GROUP_SIZE = DEFAULT_GROUP_SIZES["int4"]
+INT8_MAX = 127  # symmetric: -127..127 (never -128, so the grid is symmetric around 0)
+INT4_MAX = 15  # asymmetric: 0..15
 
 
 def default_group_size(value_format: str) -> int:
     """The group size `quantize` uses for `value_format` when none is given."""
     return DEFAULT_GROUP_SIZES.get(value_format, DEFAULT_GROUP_SIZE)
-INT8_MAX = 127  # symmetric: -127..127 (never -128, so the grid is symmetric around 0)
-INT4_MAX = 15  # asymmetric: 0..15
 
 
 class QuantError(SparseferryError):
