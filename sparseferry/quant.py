@@ -36,14 +36,13 @@ from .format import (
 # perplexity 23.52 with 128, 23.51 with 512, 23.54 per row; bf16 23.44), and its fused kernel does
 # fewer group splits with them; int4 needs short ones.
 DEFAULT_GROUP_SIZES = {"int8": 512, "int4": 128}
-DEFAULT_GROUP_SIZE = DEFAULT_GROUP_SIZES["int4"]
 INT8_MAX = 127  # symmetric: -127..127 (never -128, so the grid is symmetric around 0)
 INT4_MAX = 15  # asymmetric: 0..15
 
 
 def default_group_size(value_format: str) -> int:
-    """The group size `quantize` uses for `value_format` when none is given."""
-    return DEFAULT_GROUP_SIZES.get(value_format, DEFAULT_GROUP_SIZE)
+    """The group size `quantize` uses for `value_format` ("int8" / "int4") when none is given."""
+    return DEFAULT_GROUP_SIZES[value_format]
 
 
 class QuantError(SparseferryError):
@@ -184,5 +183,5 @@ def relative_error(reference: BitmapTensor | torch.Tensor, qbt: QuantBitmapTenso
     return float(torch.linalg.vector_norm(v - vhat)) / den if den else 0.0
 
 
-__all__ = ["DEFAULT_GROUP_SIZE", "DEFAULT_GROUP_SIZES", "default_group_size", "QuantError", "decode_quant", "dequantize_values", "fp16_at_least", "pack_int4",
+__all__ = ["DEFAULT_GROUP_SIZES", "default_group_size", "QuantError", "decode_quant", "dequantize_values", "fp16_at_least", "pack_int4",
            "quantize", "relative_error", "unpack_int4", "value_groups", "SCALE_DTYPE", "VALUE_DTYPES"]
