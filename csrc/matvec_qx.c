@@ -256,10 +256,10 @@ int64_t sf_matvec_qx(int path, const sf_quant *q, int64_t rows, int64_t cols, in
     if (wide_zero) return -3;
     const int wide = path == SF_PATH_AVX512;
     const int64_t mask_stride = (cols + 7) / 8, nblk = (cols + QX_BLOCK - 1) / QX_BLOCK;
-    const int64_t xrow = wide ? sf_qx512_xrow(cols) : nblk * QX_REC;
+    const int64_t xrow = wide ? sf_qx512_xrow(q->qbits, cols) : nblk * QX_REC;
     uint8_t *xr = aligned_alloc(64, (size_t)(batch * xrow));
     if (!xr) return -2;
-    if (wide) sf_qx512_quantize(x, x_dtype, batch, cols, xr);
+    if (wide) sf_qx512_quantize(q->qbits, x, x_dtype, batch, cols, xr);
     else quantize_x(x, x_dtype, batch, cols, nblk, xr);
     const sf_qx_row_fn *fns = wide ? sf_qx512_rows[q->qbits == 4] : g_qx;
     const int unpack = q->qbits == 4 && !wide; /* AVX2 multiplies int4 rows unpacked into int8 rows */

@@ -17,12 +17,16 @@
  * int4 rows are read packed (no unpacked copy, unlike AVX2): per step the 33 bytes holding the
  * step's 64 nibbles are loaded, one vpermb gives each qword the 4-5 bytes of its 8 nibbles, one
  * vpmultishiftqb moves nibble k to byte k (from bit 4k, or 4k + 4 where the step starts on an odd
- * nibble), an AND clears the high halves, and after the expand a masked byte subtraction takes off
- * the zero point of the values' group (the weights are then in [-15, 15]).
+ * nibble) and an AND clears the high halves. The expand fills the columns without a value with the
+ * group's zero point z instead of zeros, so u - z is the weight at every value's column and 0 at
+ * the others, and (u - z) . xq = u . xq + z . (-xq): two vpdpbusd with the unsigned nibbles and z
+ * (all in [0, 15]) against xq and -xq, exact in int32 and the same integers as the int8 form, with
+ * no excess to take off and no subtraction of the zero point.
  *
- * x's records: per row of x, per 64 columns, 128 bytes (one aligned load each): the 64 bytes
- * xq + 128 (128 past the end of the row), then 16 fp32, d of the first block 8 times, then d of
- * the second (0 past the end of the row: a block of zeros).
+ * x's records: per row of x, per 64 columns, one aligned load each of
+ *   int8 rows (128 bytes): the 64 bytes xq + 128 (128 past the end of the row), then 16 fp32, d of
+ *                          the first block 8 times, then d of the second (0 past the end of the row);
+ *   int4 rows (192 bytes): the 64 bytes xq (0 past the end), the 64 bytes -xq, then the 16 d.
  */
 #include "sf_qx.h"
 
@@ -31,7 +35,10 @@
 
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,bmi,bmi2,popcnt,f16c")))
 #define INLINE static inline __attribute__((always_inline))
-#define REC 128 /* bytes of x's record per 64 columns */
+/* Bytes of x's record per 64 columns: int8 rows, 64 of xq + 128 then 64 of d; int4 rows, 64 of xq,
+ * 64 of -xq, then 64 of d. */
+#define REC(QB) ((QB) == 8 ? 128 : 192)
+#define DOFF(QB) ((QB) == 8 ? 64 : 128)
 
 int sf_qx512_supported(void) {
     __builtin_cpu_init();
@@ -41,11 +48,12 @@ int sf_qx512_supported(void) {
            __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
 }
 
-int64_t sf_qx512_xrow(int64_t cols) { return (cols + 63) / 64 * REC; }
+int64_t sf_qx512_xrow(int qbits, int64_t cols) { return (cols + 63) / 64 * REC(qbits); }
 
 /* One 32-column block of x (v: 32 fp32, zeros past the row) quantized as sf_qx_quantize_block does
- * it, bit for bit (the same IEEE division and round-half-even), into 32 bytes xq + 128 at o; returns d. */
-VNNI_TARGET static float quantize_block(__m512 v0, __m512 v1, uint8_t *o) {
+ * it, bit for bit (the same IEEE division and round-half-even), into 32 bytes at o: xq + 128 (int8
+ * rows), or xq and 64 bytes on, -xq (int4 rows); returns d. */
+VNNI_TARGET static float quantize_block(int qbits, __m512 v0, __m512 v1, uint8_t *o) {
     const __m512 lim = _mm512_set1_ps(3.4028234663852886e38f);
     __m512 a0 = _mm512_abs_ps(v0), a1 = _mm512_abs_ps(v1);
     /* Inf or NaN anywhere: not (|v| <= FLT_MAX) */
@@ -60,9 +68,17 @@ VNNI_TARGET static float quantize_block(__m512 v0, __m512 v1, uint8_t *o) {
         q0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r0, lo), hi)));
         q1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r1, lo), hi)));
     }
-    const __m128i off = _mm_set1_epi8((char)0x80);
-    _mm_storeu_si128((__m128i *)o, _mm_add_epi8(q0, off));
-    _mm_storeu_si128((__m128i *)(o + 16), _mm_add_epi8(q1, off));
+    if (qbits == 8) {
+        const __m128i off = _mm_set1_epi8((char)0x80);
+        _mm_storeu_si128((__m128i *)o, _mm_add_epi8(q0, off));
+        _mm_storeu_si128((__m128i *)(o + 16), _mm_add_epi8(q1, off));
+    } else {
+        const __m128i zero = _mm_setzero_si128();
+        _mm_storeu_si128((__m128i *)o, q0);
+        _mm_storeu_si128((__m128i *)(o + 16), q1);
+        _mm_storeu_si128((__m128i *)(o + 64), _mm_sub_epi8(zero, q0));
+        _mm_storeu_si128((__m128i *)(o + 80), _mm_sub_epi8(zero, q1));
+    }
     return d;
 }
 
@@ -77,15 +93,15 @@ VNNI_TARGET static inline __m512 load16(const void *x, int x_dtype, int64_t cols
     return _mm512_maskz_loadu_ps(k, (const float *)x + b * cols + j);
 }
 
-VNNI_TARGET void sf_qx512_quantize(const void *x, int x_dtype, int64_t batch, int64_t cols, uint8_t *rec) {
+VNNI_TARGET void sf_qx512_quantize(int qbits, const void *x, int x_dtype, int64_t batch, int64_t cols, uint8_t *rec) {
     const int64_t nch = (cols + 63) / 64;
     for (int64_t b = 0; b < batch; b++)
         for (int64_t k = 0; k < nch; k++) {
-            uint8_t *o = rec + (b * nch + k) * REC;
-            float *d = (float *)(o + 64);
+            uint8_t *o = rec + (b * nch + k) * REC(qbits);
+            float *d = (float *)(o + DOFF(qbits));
             for (int h = 0; h < 2; h++) {
                 int64_t j = (2 * k + h) * QX_BLOCK;
-                float dk = quantize_block(load16(x, x_dtype, cols, b, j), load16(x, x_dtype, cols, b, j + 16),
+                float dk = quantize_block(qbits, load16(x, x_dtype, cols, b, j), load16(x, x_dtype, cols, b, j + 16),
                                           o + QX_BLOCK * h);
                 for (int i = 0; i < 8; i++) d[8 * h + i] = dk;
             }
@@ -134,19 +150,31 @@ VNNI_TARGET INLINE __m512i codes64(int qbits, const uint8_t *c, int64_t pos) {
     return _mm512_and_si512(b, _mm512_set1_epi8(0x0f));
 }
 
-/* The weights of the values under byte mask k of an expanded step: w there (int8), or w minus the
- * group's zero point there (int4); zero elsewhere. */
+/* An expanded step (see step) cut to the values under byte mask k: int8, w there and zero
+ * elsewhere; int4, the nibbles there and the group's zero point elsewhere. */
 VNNI_TARGET INLINE __m512i part(int qbits, __m512i w, uint64_t k, const grp *st) {
-    return qbits == 8 ? _mm512_maskz_mov_epi8((__mmask64)k, w) : _mm512_maskz_sub_epi8((__mmask64)k, w, st->z);
+    return qbits == 8 ? _mm512_maskz_mov_epi8((__mmask64)k, w) : _mm512_mask_mov_epi8(st->z, (__mmask64)k, w);
 }
 
-/* gacc[b] += d * (w . xq) over one record's 64 columns, for nb rows of x. */
-VNNI_TARGET INLINE void dot64(__m512i w, const uint8_t *xr, int64_t xrow, int nb, __m512 *gacc) {
+/* gacc[b] += d * (w . xq) over one record's 64 columns, for nb rows of x. int8: w holds the weights
+ * (zeros between them). int4: w holds the nibbles u, and z (the group's zero point, z in every
+ * byte of zb) at every other column, so u - z is the weight at the values' columns and 0 elsewhere:
+ * u . xq + z . (-xq) = (u - z) . xq, both on vpdpbusd's unsigned side (u, z in [0, 15]), exact in int32. */
+VNNI_TARGET INLINE void dot64(int qbits, __m512i w, __m512i zb, const uint8_t *xr, int64_t xrow, int nb, __m512 *gacc) {
     const __m512i zero = _mm512_setzero_si512();
+    if (qbits == 4) {
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *r = xr + b * xrow;
+            __m512i p = _mm512_dpbusd_epi32(zero, w, _mm512_load_si512((const void *)r));
+            p = _mm512_dpbusd_epi32(p, zb, _mm512_load_si512((const void *)(r + 64)));
+            gacc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_load_ps((const float *)(r + DOFF(4))), gacc[b]);
+        }
+        return;
+    }
     __m512i base = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8((char)0x80), w));
     for (int b = 0; b < nb; b++) {
         __m512i p = _mm512_dpbusd_epi32(base, _mm512_load_si512((const void *)(xr + b * xrow)), w);
-        gacc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_load_ps((const float *)(xr + b * xrow + 64)), gacc[b]);
+        gacc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_load_ps((const float *)(xr + b * xrow + DOFF(8))), gacc[b]);
     }
 }
 
@@ -162,19 +190,21 @@ VNNI_TARGET INLINE void flush(int nb, float s, __m512 *acc, __m512 *gacc, __m512
 VNNI_TARGET INLINE void step(int qbits, const sf_quant *q, const uint8_t *c, int64_t *pos, uint64_t m,
                              const uint8_t *xr, int64_t xrow, int nb, grp *st, __m512 *acc, __m512 *gacc,
                              __m512 *gacc2) {
-    __m512i w = _mm512_maskz_expand_epi8((__mmask64)m, codes64(qbits, c, *pos));
+    /* int8: the codes at their columns, zeros elsewhere; int4: the nibbles, the group's zero point elsewhere */
+    __m512i w = qbits == 8 ? _mm512_maskz_expand_epi8((__mmask64)m, codes64(qbits, c, *pos))
+                           : _mm512_mask_expand_epi8(st->z, (__mmask64)m, codes64(qbits, c, *pos));
     int64_t nrest = _mm_popcnt_u64(m);
     *pos += nrest;
     uint64_t rest = m;
     while (__builtin_expect(nrest > st->left, 0)) { /* the group ends inside this step (left < 64) */
         uint64_t first = _pdep_u64((1ull << st->left) - 1, rest);
-        dot64(part(qbits, w, first, st), xr, xrow, nb, gacc);
+        dot64(qbits, part(qbits, w, first, st), st->z, xr, xrow, nb, gacc);
         rest &= ~first;
         nrest -= st->left;
         flush(nb, st->s, acc, gacc, gacc2);
         enter(q, st->g + 1, st);
     }
-    dot64(qbits == 8 && rest == m ? w : part(qbits, w, rest, st), xr, xrow, nb, gacc);
+    dot64(qbits, rest == m ? w : part(qbits, w, rest, st), st->z, xr, xrow, nb, gacc);
     st->left -= nrest;
     if (!st->left) {
         flush(nb, st->s, acc, gacc, gacc2);
@@ -198,12 +228,12 @@ VNNI_TARGET INLINE int64_t row(int qbits, const sf_quant *q, const uint8_t *c, i
         memcpy(&m1, mask + j / 8 + 8, 8);
         SF_PREFETCH(c + (qbits == 8 ? pos : pos >> 1) + SF_PREFETCH_AHEAD);
         if (!(j & 511)) SF_PREFETCH(mask + j / 8 + SF_PREFETCH_AHEAD / 8);
-        const uint8_t *r = xr + j / 64 * REC;
+        const uint8_t *r = xr + j / 64 * REC(qbits);
         step(qbits, q, c, &pos, m0, r, xrow, nb, &st, acc, g0, g1);
-        step(qbits, q, c, &pos, m1, r + REC, xrow, nb, &st, acc, g1, g0);
+        step(qbits, q, c, &pos, m1, r + REC(qbits), xrow, nb, &st, acc, g1, g0);
     }
     for (; j < cols; j += 64)
-        step(qbits, q, c, &pos, sf_mask_bits(mask, j, cols, 64), xr + j / 64 * REC, xrow, nb, &st, acc, g0, g1);
+        step(qbits, q, c, &pos, sf_mask_bits(mask, j, cols, 64), xr + j / 64 * REC(qbits), xrow, nb, &st, acc, g0, g1);
     for (int b = 0; b < nb; b++) {
         __m512 s = acc[b];
         if (st.left < q->group_size) /* a group in progress */

@@ -52,8 +52,8 @@ typedef int64_t (*sf_qx_row_fn)(const sf_quant *q, const uint8_t *c, int64_t pos
  * taken off inside (not an unpacked row, as on AVX2). */
 int sf_qx512_supported(void);
 void sf_init_qx512_tables(void);
-int64_t sf_qx512_xrow(int64_t cols);
-void sf_qx512_quantize(const void *x, int x_dtype, int64_t batch, int64_t cols, uint8_t *rec);
+int64_t sf_qx512_xrow(int qbits, int64_t cols);
+void sf_qx512_quantize(int qbits, const void *x, int x_dtype, int64_t batch, int64_t cols, uint8_t *rec);
 extern const sf_qx_row_fn sf_qx512_rows[2][QX_GROUP];
 #endif
 

@@ -25,7 +25,7 @@ import sparseferry.kernels as K
 from sparseferry.format import BLOCK_COLS, BitmapTensor, FormatError, _unpack, decode, encode
 from sparseferry.kernels import native
 from sparseferry.kernels.reference import quantize_activations, sparse_matmul_int8x_reference, sparse_matmul_reference
-from sparseferry.quant import dequantize_values, quantize
+from sparseferry.quant import dequantize_values, pack_int4, quantize
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ROWS = [1, 7, 17, 64, 65]
@@ -621,6 +621,24 @@ def test_int8_activations_give_nan_for_a_non_finite_x_and_fall_back_for_wide_zer
     x = torch.randn(1, 100)
     assert torch.equal(native.matvec(x, wide, path=int8x, threads=1, int8_x=True),
                        native.matvec(x, wide, path=int8x, threads=1))
+
+
+def test_int8_activations_take_int4_weights_from_every_code_and_zero_point(int8x):
+    """int4 weights nibble - zero at the extremes of both (0 and 15; weights from -15 to 15), zero
+    points differing from group to group, group ends inside steps, and columns past a partial last
+    step: the columns without a value contribute nothing whatever the group's zero point."""
+    _, q = quantized(9, 300, 0.6, torch.bfloat16, "int4", 7)
+    g = torch.Generator().manual_seed(3)
+    nib = torch.randint(0, 16, (q.nnz,), generator=g, dtype=torch.uint8)
+    nib[::5], nib[1::5] = 0, 15
+    zeros = torch.randint(0, 16, q.zeros.shape, generator=g, dtype=torch.uint8)
+    zeros[::3], zeros[1::3] = 0, 15
+    q = dataclasses.replace(q, values=pack_int4(nib), zeros=zeros)
+    for batch in (1, 3, 6):
+        x = torch.randn(batch, 300, dtype=torch.bfloat16)
+        got = native.matvec(x, q, path=int8x, threads=2, int8_x=True).double()
+        want, size = sparse_matmul_int8x_reference(x, q)
+        assert ((got - want).abs() <= 64 * 2.0**-24 * size + 1e-30).all()
 
 
 # ------------------------------------------------------------------------------------------------
