@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -453,21 +454,34 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _run(a) -> tuple[int, str | None]:
+    """The command's exit code and its one-line message, if any."""
+    try:
+        return a.func(a), None
+    except SparseferryError as e:
+        return 1, f"sparseferry: error: {e}"
+    except OSError as e:  # the environment (disk full, permissions), not the input: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        return 1, f"sparseferry: error: {where}{e.strerror or e}"
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
-        return a.func(a)
-    except SparseferryError as e:
-        print(f"sparseferry: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # the environment (disk full, permissions), not the input: still one line
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"sparseferry: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
+        code, message = _run(a)
     except KeyboardInterrupt:
-        print("sparseferry: interrupted", file=sys.stderr)
-        return 130
+        code, message = 130, "sparseferry: interrupted"
+    import sparseferry
+
+    if sparseferry._CLI:
+        # The console script's own process, its outcome settled: what is left is the interpreter's
+        # shutdown (atexit callbacks, finalizers such as torch's), where a Ctrl-C could only add a
+        # traceback to the one line below. In-process callers keep their own Ctrl-C.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if message:
+        print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

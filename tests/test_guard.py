@@ -161,6 +161,24 @@ def test_synth_force_never_replaces_a_foreign_folder(tmp_path):
     assert (out / "data.csv").exists()
 
 
+def test_ctrl_c_after_the_one_line_error_adds_nothing(tmp_path):
+    """Once the command has printed its outcome, only the interpreter's shutdown is left (atexit
+    callbacks, torch's finalizers): a Ctrl-C there is ignored, not a traceback after the line."""
+    exe = Path(sys.executable).parent / "sparseferry"
+    if not exe.exists():
+        pytest.skip("console script not installed")
+    for delay in (0.0, 0.005, 0.01, 0.02, 0.03, 0.05):
+        proc = subprocess.Popen([str(exe), "inspect", str(tmp_path / "nothing")], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        line = proc.stderr.readline()
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        err = line + proc.stderr.read()
+        proc.wait(timeout=60)
+        assert err.startswith("sparseferry: error:") and err.count("\n") == 1, (delay, err)
+        assert proc.returncode == 1, (delay, proc.returncode, err)
+
+
 @pytest.mark.parametrize("delay", [0.5, 1.0, 2.0])
 def test_ctrl_c_in_the_first_moments_of_a_command_is_one_line(tmp_path, delay):
     """While torch and transformers import (seconds). The interpreter's own start-up before any
