@@ -2,7 +2,7 @@
 
 Each subcommand parses its flags, then calls one library function with keyword arguments; the
 parsed namespace never enters library code. Errors from bad input (SparseferryError) print as one
-line and exit 1; Ctrl-C exits 130 without a traceback.
+line and exit 1; Ctrl-C exits 130 without a traceback, and is ignored once the outcome is printed.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from . import _CLI
 from .errors import SparseferryError
 
 
@@ -472,9 +473,7 @@ def main(argv=None) -> int:
         code, message = _run(a)
     except KeyboardInterrupt:
         code, message = 130, "sparseferry: interrupted"
-    import sparseferry
-
-    if sparseferry._CLI:
+    if _CLI:
         # The console script's own process, its outcome settled: what is left is the interpreter's
         # shutdown (atexit callbacks, finalizers such as torch's), where a Ctrl-C could only add a
         # traceback to the one line below. In-process callers keep their own Ctrl-C.
