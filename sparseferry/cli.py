@@ -190,8 +190,9 @@ def _cmd_bench(a) -> int:
     if a.sweep_sparsity or a.sweep_budget:
         if a.model_dir:
             raise SparseferryError("a sweep runs on synthetic models: drop MODEL_DIR or the --sweep-* flags")
-        if a.scenario != "disk" or a.llama_cpp:
-            raise SparseferryError("a sweep runs the disk scenario without llama.cpp: drop --scenario / --llama-cpp")
+        if a.scenario != "disk" or a.llama_cpp or a.rounds != 1:
+            raise SparseferryError("a sweep runs the disk scenario without llama.cpp, one round a point: drop --scenario / "
+                                   "--llama-cpp / --rounds")
         doc = sweep(sparsities=a.sweep_sparsity or str(a.sparsity), budgets=a.sweep_budget or a.budget or "30%",
                     storage=a.storage or "disk", **common)
         for p in doc["points"]:
@@ -204,7 +205,7 @@ def _cmd_bench(a) -> int:
     systems = select_systems(a.systems) if a.systems else None
     res = bench(a.model_dir, budget=a.budget, storage=a.storage, scenario=a.scenario, sparsity=a.sparsity,
                 dense_dir=a.dense_dir, systems=systems, llama_cpp=a.llama_cpp, llama_cpp_src=a.llama_cpp_src,
-                cgroup_slack=int(a.cgroup_slack * 1e9), **common)
+                cgroup_slack=int(a.cgroup_slack * 1e9), rounds=a.rounds, **common)
     print(json.dumps(res, indent=1) if a.json else render_table(res))
     print(f"wrote {a.out}/results.json, results.md" + (", results.png" if (Path(a.out) / "results.png").exists() else ""),
           file=sys.stderr)
@@ -401,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated (default 16)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per system (default 1)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per system, median reported (default 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every system this many times, the whole list one round after another, and report each "
+                        "system's median round and same-round speedups (default 1; 3 on a shared, noisy machine)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every system (default: torch's)")
     p.add_argument("--sweep-sparsity", default=None, metavar="S1,S2,...", help="sweep synthetic sparsities, e.g. 0.5,0.6,0.7")
     p.add_argument("--sweep-budget", default=None, metavar="B1,B2,...", help="sweep budgets, e.g. 20%%,30%%,50%%")

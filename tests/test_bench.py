@@ -17,7 +17,7 @@ from sparseferry.bench.report import plot_sweep, render_table, results_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BENCH_ARGS = ["--params", "1.5M", "--vocab", "512", "--budget", "50%", "--prompt-tokens", "8", "--new-tokens", "4",
-              "--warmup", "0", "--reps", "2", "--threads", "1", "-q"]
+              "--warmup", "0", "--reps", "2", "--rounds", "2", "--threads", "1", "-q"]
 
 
 end_to_end = pytest.mark.slow  # the end-to-end run: three worker processes, each importing transformers
@@ -60,6 +60,10 @@ def test_outputs_written(run):
                     "bound_fraction", "peak_rss_bytes"):
             assert s[key] is not None and s[key] >= 0, (s["name"], key)
         assert len(s["reps"]) == 2 and s["tokens_stable"]
+        # --rounds 2: every system ran in both rounds, its median round reported, compared round by round
+        assert len(s["rounds_decode_s_per_token"]) == 2 and s["decode_s_per_token"] in s["rounds_decode_s_per_token"]
+        assert len(s["same_round_speedup"]["accelerate"]["per_round"]) == 2
+    assert len(res["machine"]["mem_GBps_rounds"]) == 2 and "| round 2 ms/token |" in md
 
 
 @end_to_end
@@ -226,3 +230,40 @@ def test_a_quantized_conversion_is_named_by_its_group_size_so_a_new_default_is_a
     assert {t.group_size for t in open_checkpoint(dst).tensors.values() if t.values} == {512}
     assert converted(src, tmp_path, {"values": "int8", "group_size": 512}, progress=False) == dst
     assert converted(src, tmp_path, {}, progress=False).name == f"{src.name}-sf"
+
+
+def test_rounds_report_each_systems_median_round_and_same_round_speedups():
+    """bench(rounds=3): all systems run once a round; a slow round counts against every system in it."""
+    from sparseferry.bench.harness import median_round
+
+    rounds = [_fake(t, 4 * 10**8, 3 * 10**8) for t in (0.30, 0.20, 0.25)]
+    rounds[1]["prefill_s"] = 9.0  # every figure comes from the median round, not only its decode time
+    med = median_round(rounds)
+    assert med["decode_s_per_token"] == 0.25 and med["prefill_s"] == 0.5
+    assert med["rounds_decode_s_per_token"] == [0.30, 0.20, 0.25]
+    low = median_round(rounds[:2])  # an even count: the lower middle round
+    assert low["decode_s_per_token"] == 0.20 and low["prefill_s"] == 9.0
+    failed = [dict(rounds[0], failed=True), rounds[1], rounds[2]]
+    assert median_round(failed)["rounds_decode_s_per_token"] == [None, 0.20, 0.25]
+    assert median_round(failed)["decode_s_per_token"] == 0.20
+
+    base = {"name": "transformers", "runner": "transformers", "weights": "pruned", "convert": {}, "baseline": True, "exact": True}
+    ours = dict(base, name="sparseferry-bitmap", runner="sparseferry", baseline=False)
+    llama = dict(base, name="llama.cpp-bf16", runner="llama.cpp", baseline=False)
+    by_round = {"transformers": (1.0, 2.0, 1.0), "sparseferry-bitmap": (0.5, 0.5, 0.25), "llama.cpp-bf16": (0.5, 1.0, 0.5)}
+    systems = [(d, median_round([_fake(t, 4 * 10**8, 0) for t in by_round[d["name"]]])) for d in (base, ours, llama)]
+    res = _results()
+    res = results_json(machine=dict(res["machine"], mem_GBps_rounds=[10.0, 9.0, 10.0]), versions={},
+                       setup=dict(res["setup"], rounds=3, scenario="ram", storage="host"), systems=systems, storage="host")
+    rows = {x["name"]: x for x in res["systems"]}
+    sr = rows["sparseferry-bitmap"]["same_round_speedup"]
+    assert sr["transformers"]["per_round"] == [2.0, 4.0, 4.0] and sr["transformers"]["median"] == 4.0
+    assert sr["llama.cpp-bf16"] == {"per_round": [1.0, 2.0, 2.0], "median": 2.0, "min": 1.0, "max": 2.0}
+    # the main table's figures are each system's median round: 2.0x here, 4.0x round by round
+    assert rows["sparseferry-bitmap"]["decode_s_per_token"] == 0.5 and rows["sparseferry-bitmap"]["speedup_vs_baseline"] == 2.0
+    table = render_table(res)
+    assert "3 rounds" in table and "| round 1 ms/token | round 2 ms/token | round 3 ms/token |" in table
+    assert "| sparseferry-bitmap | 500.0 | 500.0 | 250.0 | 4.00x (2.00-4.00) | 2.00x (1.00-2.00) |" in table
+    assert "10.0, 9.0, 10.0 GB/s" in table
+    one = render_table(_results())
+    assert "round 1" not in one and "Round by round" not in one

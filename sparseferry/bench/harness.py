@@ -5,6 +5,7 @@
               and with --llama-cpp the GGUF files written from the same pruned folder (see llama_cpp);
     ceilings  disk read (best of several queue depths and request sizes) and memory bandwidth, now;
     systems   each in its own subprocess (clean RSS, fair peak memory), warmed up, then `reps` repetitions;
+              with `rounds` > 1 the whole list again, round after round (see `bench`);
     report    the table, results.json and the plot (see `report`).
 
 Three scenarios (`scenario`):
@@ -284,7 +285,7 @@ def bench(model_dir=None, *, out, budget=None, storage: str | None = None, scena
           params="1B", sparsity: float = 0.5, seed: int = 0, vocab: int | None = None, dense_dir=None, batch: int = 1,
           prompt_tokens: int = 32, new_tokens: int = 16, warmup: int = 1, reps: int = 3, threads: int | None = None,
           systems=None, llama_cpp=None, llama_cpp_src=None, cgroup_slack: int = CGROUP_SLACK, workdir=None,
-          plot: bool = True, progress: bool = True) -> dict:
+          rounds: int = 1, plot: bool = True, progress: bool = True) -> dict:
     """Benchmark every system of `systems` and write results.json, results.md (and results.png) into `out`.
 
     Args:
@@ -325,9 +326,9 @@ def bench(model_dir=None, *, out, budget=None, storage: str | None = None, scena
     if storage not in ("disk", "host"):
         raise BenchError(f"storage {storage!r}: expected 'disk' or 'host'")
     budget = budget if budget is not None else ("100%" if scenario == "ram" else "30%")
-    if reps < 1 or warmup < 0 or batch < 1 or new_tokens < 2 or prompt_tokens < 1:
-        raise BenchError(f"need reps >= 1, warmup >= 0, batch >= 1, new_tokens >= 2, prompt_tokens >= 1 "
-                         f"(got {reps}, {warmup}, {batch}, {new_tokens}, {prompt_tokens})")
+    if reps < 1 or warmup < 0 or batch < 1 or new_tokens < 2 or prompt_tokens < 1 or rounds < 1:
+        raise BenchError(f"need reps >= 1, warmup >= 0, batch >= 1, new_tokens >= 2, prompt_tokens >= 1, rounds >= 1 "
+                         f"(got {reps}, {warmup}, {batch}, {new_tokens}, {prompt_tokens}, {rounds})")
     systems = tuple(systems) if systems is not None else systems_for(scenario, llama_cpp is not None)
     wants_llama = [s.name for s in systems if s.runner == "llama.cpp"]
     if wants_llama and llama_cpp is None:
@@ -386,23 +387,29 @@ def bench(model_dir=None, *, out, budget=None, storage: str | None = None, scena
     common = dict(prompt_ids=ids, new_tokens=new_tokens, warmup=warmup, reps=reps, pad_token_id=pad, threads=threads,
                   budget_bytes=budget_bytes)
     per_system = {s.name: warmup + reps if s.runner != "llama.cpp" else (reps if scenario == "cgroup" else 1) for s in chosen}
-    bar = tqdm(total=sum(per_system.values()), unit="run", desc="bench",
+    bar = tqdm(total=sum(per_system.values()) * rounds, unit="run", desc="bench",
                disable=not progress)
-    raw = {}
+    per_round: dict[str, list[dict]] = {s.name: [] for s in chosen}
+    mems = [mem]
     try:
-        for s in chosen:
-            raw[s.name] = _run_system(s, scenario=scenario, storage=storage, common=common, sources=sources, ckpts=ckpts,
-                                      ggufs=ggufs, tools=tools, workdir=workdir, dtype=dtype, threads=threads_used,
-                                      prompt_tokens=prompt_tokens, new_tokens=new_tokens, reps=reps,
-                                      budget_bytes=budget_bytes, slack=cgroup_slack, bar=bar)
-            if tools is not None and s.runner == "llama.cpp":
-                from .llama_cpp import gguf_tensor_bytes
+        for rnd in range(rounds):
+            if rnd:
+                mems.append(ceilings.memory_gbps())
+            for s in chosen:
+                r = _run_system(s, scenario=scenario, storage=storage, common=common, sources=sources, ckpts=ckpts,
+                                ggufs=ggufs, tools=tools, workdir=workdir, dtype=dtype, threads=threads_used,
+                                prompt_tokens=prompt_tokens, new_tokens=new_tokens, reps=reps,
+                                budget_bytes=budget_bytes, slack=cgroup_slack, bar=bar)
+                if tools is not None and s.runner == "llama.cpp":
+                    from .llama_cpp import gguf_tensor_bytes
 
-                raw[s.name]["gguf_sizes"] = gguf_tensor_bytes(tools, ggufs[s.convert["gguf"]])
-            acc = weight_accounting(s, sources[s.weights], ckpts.get(s.name), raw[s.name].pop("gguf_sizes", None))
-            raw[s.name]["weights"] = acc
+                    r["gguf_sizes"] = gguf_tensor_bytes(tools, ggufs[s.convert["gguf"]])
+                r["weights"] = weight_accounting(s, sources[s.weights], ckpts.get(s.name), r.pop("gguf_sizes", None))
+                per_round[s.name].append(r)
     finally:
         bar.close()
+    raw = {name: median_round(rs) for name, rs in per_round.items()}
+    mem = dict(max(mems, key=lambda m: m["GBps"]))  # the ceiling: the best the memory gave in this run
     if disk is not None:  # the disk drifts: the sweep again after the systems, the better of the two is the ceiling
         after = ceilings.disk_read_gbps([model_dir], max_bytes=min(dense_bytes, 2 << 30))
         before = disk
@@ -412,6 +419,8 @@ def bench(model_dir=None, *, out, budget=None, storage: str | None = None, scena
 
     machine = {"disk_read_GBps": disk["GBps"] if disk else None, "disk_read_direct": disk["direct"] if disk else None,
                "mem_GBps": mem["GBps"], "mem_copy_GBps": mem.get("copy_GBps"), "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())}
+    if rounds > 1:
+        machine["mem_GBps_rounds"] = [m["GBps"] for m in mems]
     if disk:
         single = max((e["GBps"] for e in disk["sweep"] if e["depth"] == 1), default=None)
         machine.update(disk_read_depth=disk["depth"], disk_read_chunk=disk["chunk"], disk_read_sweep=disk["sweep"],
@@ -420,7 +429,8 @@ def bench(model_dir=None, *, out, budget=None, storage: str | None = None, scena
     setup = {"model_dir": str(model_dir), "dense_dir": str(sources["unpruned"]) if sources["unpruned"] else None,
              "synthetic": synthetic, "dense_weight_bytes": dense_bytes, "budget": str(budget), "budget_bytes": budget_bytes,
              "storage": storage, "scenario": scenario, "batch": batch, "prompt_tokens": prompt_tokens,
-             "new_tokens": new_tokens, "warmup": warmup, "reps": reps, "dtype": dtype, "threads": threads_used}
+             "new_tokens": new_tokens, "warmup": warmup, "reps": reps, "rounds": rounds, "dtype": dtype,
+             "threads": threads_used}
     if scenario == "cgroup":
         setup["cgroup_slack_bytes"] = cgroup_slack
     if tools is not None:
@@ -432,6 +442,16 @@ def bench(model_dir=None, *, out, budget=None, storage: str | None = None, scena
                                   systems=[(asdict(s), raw[s.name]) for s in chosen], storage=storage)
     report.write_all(results, out, plot=plot)
     return results
+
+
+def median_round(results: list[dict]) -> dict:
+    """A system's result over the rounds: the round of its median decode time (the lower middle one of an
+    even count; rounds that did not complete count only where none did), with every round's decode time
+    in `rounds_decode_s_per_token` (None for a round that did not complete), in run order."""
+    times = [None if r.get("failed") or r.get("completed") is False else r.get("decode_s_per_token") for r in results]
+    done = sorted((t, i) for i, t in enumerate(times) if t is not None)
+    pick = results[done[(len(done) - 1) // 2][1]] if done else results[0]
+    return dict(pick, rounds_decode_s_per_token=times)
 
 
 def _run_system(s: System, *, scenario, storage, common, sources, ckpts, ggufs, tools, workdir, dtype, threads,
@@ -544,4 +564,4 @@ def sweep(*, out, sparsities, budgets, storage: str = "disk", arch: str = "llama
 
 __all__ = ["SYSTEMS", "CATALOGUE", "LLAMA_CPP_SYSTEMS", "SCENARIOS", "TRANSFORMERS", "System", "BenchError", "bench",
            "check_feasible", "sweep", "synth_pair", "weight_bytes", "prompt_ids", "systems_for", "weight_accounting",
-           "select_systems"]
+           "select_systems", "median_round"]

@@ -22,6 +22,10 @@ every sequence in the batch, so per-token figures are per-step figures divided b
                             (for quantized systems, exact=False, a difference is expected, not an error;
                             llama.cpp rows: not compared, llama-bench decodes token ids it picks itself)
     cgroup                  cgroup scenario: limit (idle + budget + slack), peak charge, OOM-killed
+    rounds_decode_s_per_token   with bench(rounds=N): the system's decode time in each round (the figures
+                            above are those of its median round)
+    same_round_speedup      with rounds: {reference: {"per_round", "median", "min", "max"}}, the reference's
+                            decode time / this system's in the same round, for the baseline and llama.cpp-bf16
 """
 from __future__ import annotations
 
@@ -75,7 +79,7 @@ def results_json(*, machine: dict, versions: dict, setup: dict, systems: list[tu
             "runtime_split": _median_split(r.get("reps") or []),
             "plan": r.get("plan_summary"), "device_map_counts": r.get("device_map_counts"),
             "cgroup": r.get("cgroup"), "command": r.get("command"),
-            "reps": r.get("reps"),
+            "reps": r.get("reps"), "rounds_decode_s_per_token": r.get("rounds_decode_s_per_token"),
         })
     base = next((x for x in rows if x["baseline"]), None)
     first_by_weights: dict[str, dict] = {}
@@ -94,8 +98,25 @@ def results_json(*, machine: dict, versions: dict, setup: dict, systems: list[tu
         x["tokens_agree"] = None if ref is x else x["tokens"] == ref["tokens"]
         if ref is x and base is not None and base is not x and base["weights"] == x["weights"] and base["tokens"] is not None:
             x["tokens_agree"] = x["tokens"] == base["tokens"]
+    refs = [x for x in rows if x is base or x["name"] == ROUND_REFERENCE]
+    for x in rows:
+        x["same_round_speedup"] = {ref["name"]: r for ref in refs if (r := _same_round(ref, x)) is not None} or None
     return {"machine": machine, "versions": versions, "setup": setup, "systems": rows,
             "baseline": base["name"] if base else None}
+
+
+ROUND_REFERENCE = "llama.cpp-bf16"  # besides the baseline, the row every other is compared with round by round
+
+
+def _same_round(ref: dict, x: dict) -> dict | None:
+    """ref's decode time / x's, round by round (rounds where both completed), or None without rounds."""
+    a, b = ref.get("rounds_decode_s_per_token"), x.get("rounds_decode_s_per_token")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    per = [ta / tb for ta, tb in zip(a, b) if ta and tb]
+    if not per:
+        return None
+    return {"per_round": per, "median": statistics.median(per), "min": min(per), "max": max(per)}
 
 
 def _f(v, fmt: str, scale: float = 1.0) -> str:
@@ -132,7 +153,9 @@ def _setup_line(s: dict) -> str:
     threads = f", {s['threads']} threads" if s.get("threads") else ""
     return (f"Budget {s['budget']} = {s['budget_bytes'] / 1e9:.3f} GB of {s['dense_weight_bytes'] / 1e9:.3f} GB dense weights, "
             f"storage {s['storage']}, batch {s['batch']}, prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new tokens, "
-            f"{s['dtype']}{threads}, median of {s['reps']} repetitions.")
+            f"{s['dtype']}{threads}, median of {s['reps']} repetitions"
+            + (f"; {s['rounds']} rounds (every system once a round, in turn), each system's median round shown."
+               if s.get("rounds", 1) > 1 else "."))
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -179,8 +202,29 @@ def render_table(results: dict) -> str:
         head = ["system", "decode ms/token", "prefill s", "tokens/s", "read MB/token", "achieved GB/s",
                 f"speedup vs {base_word}", "bound ms/token", "of bound", "peak RSS GB", "tokens agree"]
     lines += _table(head, rows)
+    lines += _rounds_table(results)
     lines += _notes(results)
     return "\n".join(lines) + "\n"
+
+
+def _rounds_table(results: dict) -> list[str]:
+    """With rounds: every system's decode time in each round and its same-round speedups (median, range)."""
+    n = results["setup"].get("rounds", 1)
+    if n < 2:
+        return []
+    refs = [r["name"] for r in results["systems"]
+            if any(r["name"] in (x.get("same_round_speedup") or {}) for x in results["systems"])]
+    head = ["system"] + [f"round {i + 1} ms/token" for i in range(n)] + [f"same-round speedup vs {r}" for r in refs]
+    rows = []
+    for x in results["systems"]:
+        times = x.get("rounds_decode_s_per_token") or [None] * n
+        sr = x.get("same_round_speedup") or {}
+        rows.append([x["name"]] + [_f(t, ".1f", 1e3) for t in times]
+                    + [f"{sr[r]['median']:.2f}x ({sr[r]['min']:.2f}-{sr[r]['max']:.2f})" if r in sr else "-" for r in refs])
+    mems = results["machine"].get("mem_GBps_rounds")
+    words = f" (memory read ceiling before each: {', '.join(f'{m:.1f}' for m in mems)} GB/s)" if mems else ""
+    return ["", f"Round by round{words}; a speedup is the reference's time / the system's in the same round, median "
+                f"(lowest-highest) over the rounds:", ""] + _table(head, rows)
 
 
 SCENARIO_WORDS = {
