@@ -400,15 +400,17 @@ def bench(model_dir=None, *, out, budget=None, storage: str | None = None, scena
                                 ggufs=ggufs, tools=tools, workdir=workdir, dtype=dtype, threads=threads_used,
                                 prompt_tokens=prompt_tokens, new_tokens=new_tokens, reps=reps,
                                 budget_bytes=budget_bytes, slack=cgroup_slack, bar=bar)
-                if tools is not None and s.runner == "llama.cpp":
-                    from .llama_cpp import gguf_tensor_bytes
-
-                    r["gguf_sizes"] = gguf_tensor_bytes(tools, ggufs[s.convert["gguf"]])
-                r["weights"] = weight_accounting(s, sources[s.weights], ckpts.get(s.name), r.pop("gguf_sizes", None))
                 per_round[s.name].append(r)
     finally:
         bar.close()
     raw = {name: median_round(rs) for name, rs in per_round.items()}
+    for s in chosen:  # the weights are the same in every round: counted once
+        gguf_sizes = None
+        if tools is not None and s.runner == "llama.cpp":
+            from .llama_cpp import gguf_tensor_bytes
+
+            gguf_sizes = gguf_tensor_bytes(tools, ggufs[s.convert["gguf"]])
+        raw[s.name]["weights"] = weight_accounting(s, sources[s.weights], ckpts.get(s.name), gguf_sizes)
     mem = dict(max(mems, key=lambda m: m["GBps"]))  # the ceiling: the best the memory gave in this run
     if disk is not None:  # the disk drifts: the sweep again after the systems, the better of the two is the ceiling
         after = ceilings.disk_read_gbps([model_dir], max_bytes=min(dense_bytes, 2 << 30))
